@@ -1,0 +1,3 @@
+from fedimaging.cli import main
+
+raise SystemExit(main())

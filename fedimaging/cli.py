@@ -1,0 +1,82 @@
+"""The ``fedimaging`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedimaging import __version__
+
+logger = logging.getLogger("fedimaging")
+
+
+def _add_prepare_dicom(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dicom",
+        help="convert DICOM series and NIfTI/NRRD/MHA volumes into NIfTI volumes with a MONAI datalist",
+        description="Convert an archive export (a folder, one file, or a CSV of image,label paths) into "
+        "NIfTI volumes in patient space, label maps, datalist.json and a site-local manifest.json. "
+        "SOURCE is only read.",
+    )
+    parser.add_argument("source", type=Path, metavar="SOURCE", help="folder, single file, or CSV with image,label columns")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder (new, empty, or a previous output)")
+    parser.add_argument("--labels", type=Path, metavar="LABELS",
+                        help="label file, DICOM SEG, folder of label files matched by name, or CSV with image,label")
+    parser.add_argument("--site", metavar="NAME", help="site name recorded in the manifest (the NVFlare client name)")
+    parser.add_argument("--key-file", type=Path, metavar="FILE",
+                        help="site-local pseudonym key, created on first use "
+                             "(default: $FEDIMAGING_KEY_FILE or ~/.config/fedimaging/pseudonym.key); keep it outside OUT")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level train/validation split (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="fraction of patients in the validation list (default 0.2)")
+    parser.add_argument("--include-localizers", action="store_true", help="prepare localizer (scout) images too")
+    parser.add_argument("--include-derived", action="store_true",
+                        help="prepare derived and secondary images (ImageType DERIVED or SECONDARY) too")
+    parser.add_argument("--split-orientations", action="store_true",
+                        help="prepare each orientation of a series that changes orientation as its own volume")
+    parser.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+    parser.set_defaults(handler=_run_prepare_dicom)
+
+
+def _run_prepare_dicom(args) -> int:
+    from preprocessing.inputs import InputError
+    from preprocessing.prepare_dicom import PrepareOptions, prepare_dicom, summary_line
+    from preprocessing.pseudonym import KeyFileError
+
+    options = PrepareOptions(
+        source=args.source, out=args.out, labels=args.labels, site=args.site, key_file=args.key_file,
+        seed=args.seed, val_fraction=args.val_fraction, include_localizers=args.include_localizers,
+        include_derived=args.include_derived, split_orientations=args.split_orientations,
+        show_progress=sys.stderr.isatty() and not args.no_progress,
+    )
+    try:
+        manifest = prepare_dicom(options)
+    except (InputError, KeyFileError) as exc:
+        print(f"fedimaging prepare dicom: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(manifest))
+    print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
+    if not manifest["cases"]:
+        print("fedimaging prepare dicom: error: no usable image was produced; see the manifest's rejected list",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected file and series")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="site-side data preparation")
+    prepare_kinds = prepare.add_subparsers(dest="kind", required=True)
+    _add_prepare_dicom(prepare_kinds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    return args.handler(args)

@@ -1,0 +1,80 @@
+"""Decode stored pixel values and convert them into physical values (HU for CT).
+
+Stored values are sign-extended or masked to BitsStored, MONOCHROME1 is inverted once so that
+higher values are brighter, and RescaleSlope/RescaleIntercept are applied per frame in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.pixels import apply_color_lut
+
+from preprocessing.dicom.headers import DicomFile, FrameInfo, read_dataset
+from preprocessing.reasons import Reason, Rejection
+
+
+def _fix_unused_bits(array: np.ndarray, dicom_file: DicomFile) -> np.ndarray:
+    """Clear (unsigned) or sign-extend (signed) the bits above BitsStored, which may hold junk."""
+    bits = dicom_file.bits_stored
+    if not np.issubdtype(array.dtype, np.integer) or bits >= array.dtype.itemsize * 8:
+        return array
+    values = array.astype(np.int64)
+    mask = (1 << bits) - 1
+    values &= mask
+    if dicom_file.pixel_representation == 1:
+        sign_bit = 1 << (bits - 1)
+        values = (values ^ sign_bit) - sign_bit
+    return values.astype(array.dtype)
+
+
+def decode_frames(dicom_file: DicomFile) -> np.ndarray:
+    """Return stored values as (frames, rows, columns) or (frames, rows, columns, 3) for colour."""
+    dataset, _ = read_dataset(dicom_file.path, headers_only=False)
+    try:
+        array = dataset.pixel_array
+        if dicom_file.photometric == "PALETTE COLOR":
+            array = apply_color_lut(array, dataset)
+    except Exception as exc:  # decoders raise ValueError, RuntimeError, and plugin-specific types
+        raise Rejection(
+            Reason.DECODE_FAILED,
+            f"{dicom_file.path.name}: pixel data cannot be decoded ({exc.__class__.__name__}: {exc}); "
+            "re-export the file from the archive or decompress it with dcmdjpeg or gdcmconv",
+        ) from exc
+    colour = array.ndim == (4 if dicom_file.number_of_frames > 1 else 3)
+    if dicom_file.number_of_frames == 1:
+        array = array[np.newaxis]
+    if not colour and dicom_file.photometric != "PALETTE COLOR":
+        array = _fix_unused_bits(array, dicom_file)
+    return array
+
+
+def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo) -> tuple[np.ndarray, bool]:
+    """Convert one greyscale frame of stored values to physical values (float64).
+
+    Returns the array and whether it was inverted from MONOCHROME1.
+    """
+    values = stored.astype(np.float64)
+    inverted = dicom_file.photometric == "MONOCHROME1"
+    if inverted:
+        if dicom_file.pixel_representation == 1:
+            low, high = -(1 << (dicom_file.bits_stored - 1)), (1 << (dicom_file.bits_stored - 1)) - 1
+        else:
+            low, high = 0, (1 << dicom_file.bits_stored) - 1
+        values = (low + high) - values
+    slope = 1.0 if frame.rescale_slope is None else frame.rescale_slope
+    intercept = 0.0 if frame.rescale_intercept is None else frame.rescale_intercept
+    if slope != 1.0 or intercept != 0.0:
+        values = values * slope + intercept
+    return values, inverted
+
+
+def compact_dtype(values: np.ndarray) -> np.dtype:
+    """Smallest lossless output type: int16/uint16/int32 for integer values, float32 otherwise."""
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        return np.dtype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    for dtype in (np.int16, np.uint16, np.int32):
+        info = np.iinfo(dtype)
+        if low >= info.min and high <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.float32)
