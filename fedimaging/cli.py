@@ -59,7 +59,7 @@ def _run_prepare_dicom(args) -> int:
     print(summary_line(manifest))
     print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
     if not manifest["cases"]:
-        print("fedimaging prepare dicom: error: no usable image was produced; see the manifest's rejected list",
+        print("fedimaging prepare dicom: error: no usable image was produced; see the rejected and excluded lists in the manifest",
               file=sys.stderr)
         return 1
     return 0

@@ -109,8 +109,7 @@ def _check_arguments(options: PrepareOptions) -> None:
     source, out = options.source.resolve(), options.out.resolve()
     if not source.exists():
         raise InputError(f"SOURCE {options.source} not found")
-    source_root = source if source.is_dir() else source.parent
-    if out == source_root or source_root in out.parents:
+    if source.is_dir() and (out == source or source in out.parents):
         raise InputError(f"--out {options.out} is inside SOURCE; SOURCE is never written to, choose a folder outside it")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
         raise InputError(f"--out {options.out} is not empty and holds no {MANIFEST_NAME}; choose an empty or new folder")
@@ -157,6 +156,9 @@ def _group_key(group: SeriesGroup, base_name: str) -> str:
 
 
 def _group_folder(group: SeriesGroup) -> str:
+    """The group's place in SOURCE: its file when it has one, else its folder(s)."""
+    if len(group.files) == 1:
+        return group.first.rel_path
     folders = sorted({str(PurePosixPath(f.rel_path).parent) for f in group.files})
     return folders[0] if len(folders) == 1 else ", ".join(folders)
 
@@ -187,8 +189,8 @@ def _build_dicom(groups: list[SeriesGroup], options: PrepareOptions, base: Path,
             if index in conflicts:
                 raise Rejection(
                     Reason.INCONSISTENT_SLICES,
-                    f"{group.label}: the series changes ImageOrientationPatient between images of the same matrix "
-                    "and spacing, so it is not one stack; export each stack as its own series or pass "
+                    f"{group.label}: the series holds images of different ImageOrientationPatient, so it is not one "
+                    "stack; export each stack as its own series or pass "
                     "--split-orientations to prepare each orientation separately",
                 )
             if is_volumetric(group):
@@ -289,7 +291,9 @@ def _attach_labels(candidate: Candidate, labels: LabelInputs, single_image: bool
     source: LabelSource | None = None
     for path in candidate.source_paths:
         source = source or labels.by_image_path.get(path)
-    source = source or match_by_name(candidate.key, labels)
+    named = match_by_name(candidate.key, labels)
+    if source is None and named is not None and named.path.resolve() not in candidate.source_paths:
+        source = named
     if source is None and single_image:
         source = labels.single
     if source is None:

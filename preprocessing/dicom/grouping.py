@@ -112,21 +112,21 @@ def group_files(files: list[DicomFile]) -> list[SeriesGroup]:
 
 
 def orientation_conflicts(groups: list[SeriesGroup]) -> set[int]:
-    """Indices of groups whose series changes orientation mid-acquisition.
+    """Indices of groups whose series changes orientation between its (non-localizer) images.
 
-    Two or more non-localizer groups of one series that differ only in ImageOrientationPatient
-    (same matrix, spacing and image type) are one acquisition whose orientation changed, not
-    separate stacks; stacking either part alone would hide that.
+    A series holding stacks of different ImageOrientationPatient is either one acquisition whose
+    orientation changed or several acquisitions under one UID; preparing either part alone could
+    hide a broken export, so these groups are rejected unless the site asks for the split.
     """
-    by_signature: dict[tuple, list[int]] = defaultdict(list)
+    by_series: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         if group.first.number_of_frames > 1 or group.first.is_localizer:
             continue
-        signature = (group.series_key,) + _geometry_key(group.first)[:-1]
-        by_signature[signature].append(index)
+        by_series[group.series_key].append(index)
     conflicted: set[int] = set()
-    for indices in by_signature.values():
-        if len(indices) > 1:
+    for indices in by_series.values():
+        orientations = {_geometry_key(groups[i].first)[-1] for i in indices}
+        if len(orientations) > 1:
             conflicted.update(indices)
     return conflicted
 
