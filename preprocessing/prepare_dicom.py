@@ -265,8 +265,11 @@ def _load_label(path: Path, image: BuiltImage) -> tuple[np.ndarray, float]:
 
 
 def _attach_labels(candidate: Candidate, labels: LabelInputs, single_image: bool, segs: list[DicomFile],
-                   used_segs: set[str], report: Report) -> dict:
-    """Find and load the labels of one candidate; return the manifest's label fields and arrays."""
+                   used: set[str], report: Report) -> dict:
+    """Find and load the labels of one candidate; return the manifest's label fields and arrays.
+
+    ``used`` collects the SEG files (relative paths) and label files (resolved paths) consumed.
+    """
     image = candidate.image
     result: dict = {"label_map": None, "masks": {}, "label_source": None, "segment_names": None}
     if image.kind != "volume":
@@ -277,9 +280,9 @@ def _attach_labels(candidate: Candidate, labels: LabelInputs, single_image: bool
                 seg_labels = seg_onto_grid(seg, image.array.shape, image.affine_lps)
             except Rejection as rejection:
                 report.add_problem(seg.rel_path, rejection)
-                used_segs.add(seg.rel_path)
+                used.add(seg.rel_path)
                 continue
-            used_segs.add(seg.rel_path)
+            used.add(seg.rel_path)
             result["segment_names"] = {str(k): v for k, v in seg_labels.segment_names.items()}
             result["label_source"] = f"DICOM SEG {seg.rel_path}"
             if seg_labels.label_map is not None:
@@ -299,8 +302,10 @@ def _attach_labels(candidate: Candidate, labels: LabelInputs, single_image: bool
     if source is None:
         return result
     try:
+        used.add(str(source.path.resolve()))
         if source.is_mask_folder:
             for mask_path in mask_files(source.path, candidate.source_paths):
+                used.add(str(mask_path.resolve()))
                 mask, _ = _load_label(mask_path, image)
                 result["masks"][research_stem(mask_path)] = mask
             result["label_source"] = f"mask folder {source.path.name}"
@@ -371,7 +376,7 @@ def prepare_dicom(options: PrepareOptions) -> dict:
 
     out = options.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    used_segs: set[str] = set()
+    used: set[str] = set()
     patient_of_case: dict[str, str] = {}
     entries: dict[str, dict] = {}
     for candidate in progress_iter(candidates, "Writing cases", options.show_progress):
@@ -379,7 +384,7 @@ def prepare_dicom(options: PrepareOptions) -> dict:
         case_id = pseudonyms.case_id(identity)
         if case_id in entries:  # the same image reached twice, e.g. listed twice in a CSV
             continue
-        attached = _attach_labels(candidate, labels, len(candidates) == 1, segs, used_segs, report)
+        attached = _attach_labels(candidate, labels, len(candidates) == 1, segs, used, report)
         entry = _write_case(case_id, candidate, attached, out)
         patient_of_case[case_id] = pseudonyms.patient_id(candidate.patient or identity)
         image = candidate.image
@@ -404,8 +409,16 @@ def prepare_dicom(options: PrepareOptions) -> dict:
             "segment_names": attached["segment_names"],
             "notes": image.notes,
         })
+    image_paths = {str(p) for candidate in candidates for p in candidate.source_paths}
+    for source in list(labels.by_key.values()) + list(labels.by_image_path.values()):
+        resolved = str(source.path.resolve())
+        if resolved not in used and resolved not in image_paths and not source.is_mask_folder:
+            report.add_problem(source.path.name, Rejection(
+                Reason.LABEL_UNMATCHED,
+                f"{source.path.name}: label file matches no prepared image; name it after the image's folder or "
+                "file (for example <name>_seg.nii.gz) or list the pair in a CSV with image,label columns"))
     for seg in segs:
-        if seg.rel_path not in used_segs:
+        if seg.rel_path not in used:
             report.add_problem(seg.rel_path, Rejection(
                 Reason.SEG_UNRESOLVED,
                 f"{seg.rel_path}: DICOM SEG references series that are not among the prepared images; "

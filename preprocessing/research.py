@@ -46,10 +46,11 @@ def load_research_volume(path: Path, reason: Reason = Reason.UNREADABLE_VOLUME) 
 
     Raises ``Rejection`` with ``reason`` when no reader opens the file.
     """
-    from monai.transforms import LoadImage
-
+    # The reader is used directly: LoadImage would also instantiate every other reader, including
+    # a GPU DICOM reader that warns when nvImageCodec is missing.
+    reader = _reader_for(path)
     try:
-        image, meta = LoadImage(image_only=False, reader=_reader_for(path))(str(path))
+        image, meta = reader.get_data(reader.read(str(path)))
     except Exception as exc:  # readers raise many types on corrupt files
         raise Rejection(
             reason, f"{path.name}: cannot be read as a NIfTI/NRRD/MHA volume ({exc.__class__.__name__}: {exc})"

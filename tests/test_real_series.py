@@ -81,6 +81,9 @@ def test_research_volume_with_mask_folder(prepare):
     assert "aorta" in case["masks"]
     assert "ct_cropped" not in case["masks"]
     image, image_affine = load(out / case["image"])
+    original, original_affine = load(models / "ct_cropped.nii.gz")
+    np.testing.assert_array_equal(image, original)
+    np.testing.assert_allclose(image_affine, original_affine, atol=1e-5)
     aorta, aorta_affine = load(out / case["masks"]["aorta"])
     np.testing.assert_allclose(aorta_affine, image_affine)
     assert aorta.shape == image.shape
