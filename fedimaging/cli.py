@@ -65,6 +65,64 @@ def _run_prepare_dicom(args) -> int:
     return 0
 
 
+def _add_prepare_wsi(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "wsi",
+        help="tile whole-slide images (or folders of labelled tiles) at one resolution, on tissue only",
+        description="Find tissue tiles in every slide OpenSlide reads, at one physical resolution, and write tile "
+        "coordinates, a MONAI-style datalist, thumbnails with the kept tiles outlined, and a site-local "
+        "manifest. A SOURCE whose sub-folders hold image files (one per class) is read as already-cut tiles. "
+        "SOURCE is only read.",
+    )
+    parser.add_argument("source", type=Path, metavar="SOURCE", help="slide file, folder of slides, or folder of class sub-folders of tiles")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder (new, empty, or a previous output)")
+    parser.add_argument("--mpp", type=float, default=0.5, help="target resolution in µm per pixel (default 0.5)")
+    parser.add_argument("--tile-size", type=int, default=224, help="tile width and height in pixels at --mpp (default 224)")
+    parser.add_argument("--labels", type=Path, metavar="CSV", help="slide-level labels: CSV with slide,label[,patient] columns")
+    parser.add_argument("--annotations", type=Path, metavar="DIR",
+                        help="folder of GeoJSON region annotations (QuPath export), one <slide name>.geojson per slide")
+    parser.add_argument("--background-class", metavar="NAME",
+                        help="class for tissue tiles outside every annotated region (default: drop them)")
+    parser.add_argument("--assume-mpp", type=float, metavar="MPP",
+                        help="level-0 resolution in µm per pixel for slides or tiles without a usable one")
+    parser.add_argument("--tissue-threshold", type=float, default=0.5,
+                        help="minimum fraction of a tile covered by tissue to keep it (default 0.5)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for tiling slides (default 1)")
+    parser.add_argument("--export-tiles", action="store_true", help="also write every kept tile as a PNG file")
+    parser.add_argument("--site", metavar="NAME", help="site name recorded in the manifest (the NVFlare client name)")
+    parser.add_argument("--key-file", type=Path, metavar="FILE",
+                        help="site-local pseudonym key (default: $FEDIMAGING_KEY_FILE or ~/.config/fedimaging/pseudonym.key)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the slide- or patient-level split (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of slides (or patients) for validation")
+    parser.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+    parser.set_defaults(handler=_run_prepare_wsi)
+
+
+def _run_prepare_wsi(args) -> int:
+    from preprocessing.inputs import InputError
+    from preprocessing.prepare_wsi import WsiOptions, prepare_wsi, summary_line
+    from preprocessing.pseudonym import KeyFileError
+
+    options = WsiOptions(
+        source=args.source, out=args.out, mpp=args.mpp, tile_size=args.tile_size, labels=args.labels,
+        annotations=args.annotations, background_class=args.background_class, assume_mpp=args.assume_mpp,
+        tissue_threshold=args.tissue_threshold, site=args.site, key_file=args.key_file, seed=args.seed,
+        val_fraction=args.val_fraction, workers=args.workers, export_tiles=args.export_tiles,
+        show_progress=sys.stderr.isatty() and not args.no_progress,
+    )
+    try:
+        manifest = prepare_wsi(options)
+    except (InputError, KeyFileError) as exc:
+        print(f"fedimaging prepare wsi: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(manifest))
+    print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
+    if manifest["summary"]["tiles"] == 0:
+        print("fedimaging prepare wsi: error: no tile was produced; see the rejected list in the manifest", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
@@ -73,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="site-side data preparation")
     prepare_kinds = prepare.add_subparsers(dest="kind", required=True)
     _add_prepare_dicom(prepare_kinds)
+    _add_prepare_wsi(prepare_kinds)
     return parser
 
 

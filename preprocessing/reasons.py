@@ -39,6 +39,15 @@ class Reason(str, enum.Enum):
     LABEL_UNREADABLE = "label_unreadable"
     LABEL_UNMATCHED = "label_unmatched"
     LABEL_OUTSIDE_IMAGE = "label_outside_image"
+    # Whole-slide images and tiles.
+    NOT_A_SLIDE = "not_a_slide"
+    UNREADABLE_SLIDE = "unreadable_slide"
+    NO_MPP = "no_mpp"
+    RESOLUTION_TOO_COARSE = "resolution_too_coarse"
+    NO_TISSUE = "no_tissue"
+    LABEL_MISSING = "label_missing"
+    ANNOTATION_INVALID = "annotation_invalid"
+    UNREADABLE_TILE = "unreadable_tile"
 
 
 class Rejection(Exception):

@@ -1,0 +1,340 @@
+"""``fedimaging prepare wsi``: tile whole-slide images at one physical resolution, on tissue only.
+
+Tiles are described by coordinates (level-0 top-left corner, level, region size in level pixels) and
+read lazily during training; image files are written only with ``export_tiles``. SOURCE is only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocessing import __version__
+from preprocessing.inputs import InputError, walk_files
+from preprocessing.output import DATALIST_NAME, MANIFEST_NAME, split_by_patient, write_json
+from preprocessing.progress import progress_iter
+from preprocessing.pseudonym import Pseudonymizer, default_key_file, load_or_create_key
+from preprocessing.reasons import Reason, Rejection
+from preprocessing.wsi.annotations import LabelFileError, find_annotation, read_slide_labels
+from preprocessing.wsi.slide_prep import SlideJob, SlideResult, process_slide
+from preprocessing.wsi.tiles_folder import find_tile_folders, load_tile
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+TILE_CSV_COLUMNS = ["x0", "y0", "level", "width", "height", "tile_size", "mpp_x", "mpp_y", "class_name", "tissue_fraction"]
+MANIFEST_NOTICE = (
+    "Site-local file: it names slide files, which may contain accession numbers. Never send it to the "
+    "server or to other sites; datalist.json and the tile files use slide IDs only."
+)
+
+
+@dataclass
+class WsiOptions:
+    """Arguments of ``fedimaging prepare wsi``."""
+
+    source: Path
+    out: Path
+    mpp: float = 0.5
+    tile_size: int = 224
+    labels: Path | None = None
+    annotations: Path | None = None
+    background_class: str | None = None
+    assume_mpp: float | None = None
+    tissue_threshold: float = 0.5
+    site: str | None = None
+    key_file: Path | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    workers: int = 1
+    export_tiles: bool = False
+    show_progress: bool = False
+
+
+def _check(options: WsiOptions) -> None:
+    source, out = options.source.resolve(), options.out.resolve()
+    if not source.exists():
+        raise InputError(f"SOURCE {options.source} not found")
+    if source.is_dir() and (out == source or source in out.parents):
+        raise InputError(f"--out {options.out} is inside SOURCE; SOURCE is never written to, choose a folder outside it")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+        raise InputError(f"--out {options.out} is not empty and holds no {MANIFEST_NAME}; choose an empty or new folder")
+    if not options.mpp > 0:
+        raise InputError(f"--mpp {options.mpp}: must be a positive resolution in µm per pixel")
+    if options.assume_mpp is not None and not options.assume_mpp > 0:
+        raise InputError(f"--assume-mpp {options.assume_mpp}: must be a positive resolution in µm per pixel")
+    if options.tile_size < 8:
+        raise InputError(f"--tile-size {options.tile_size}: must be at least 8 pixels")
+    if not 0.0 <= options.tissue_threshold <= 1.0:
+        raise InputError(f"--tissue-threshold {options.tissue_threshold}: must be between 0 and 1")
+    if options.workers < 1:
+        raise InputError(f"--workers {options.workers}: must be at least 1")
+    if not 0.0 <= options.val_fraction < 1.0:
+        raise InputError(f"--val-fraction {options.val_fraction}: must be at least 0 and below 1")
+    if options.annotations is not None and not options.annotations.is_dir():
+        raise InputError(f"--annotations {options.annotations}: not a folder of GeoJSON files")
+    if options.labels is not None and options.annotations is not None:
+        raise InputError("--labels and --annotations cannot be combined; give slide-level labels or regions")
+
+
+def _slide_identity(path: Path) -> str:
+    """A content identity: OpenSlide's quickhash plus all properties, else a SHA-256 of the file.
+
+    The quickhash covers pixel data only, so two files that differ only in metadata such as the
+    resolution would otherwise share an identity.
+    """
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as slide:
+            quickhash = slide.properties.get("openslide.quickhash-1")
+            if quickhash:
+                properties = "\n".join(f"{k}={v}" for k, v in sorted(slide.properties.items()))
+                return f"quickhash:{quickhash}:{hashlib.sha256(properties.encode()).hexdigest()}"
+    except (openslide.OpenSlideError, OSError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+# Suffixes used only by slide formats; ".tif" and ".dcm" are shared with ordinary images.
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+
+
+def _is_detected_slide(path: Path) -> bool:
+    """Whether OpenSlide recognises the file, or its suffix belongs only to slide formats."""
+    import openslide
+
+    if path.suffix.lower() in SLIDE_ONLY_SUFFIXES:
+        return True
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is not None
+    except (openslide.OpenSlideError, OSError):
+        return False
+
+
+def _is_slide_candidate(path: Path) -> bool:
+    import openslide
+
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is not None
+    except (openslide.OpenSlideError, OSError):
+        return False
+
+
+def _link_slide(out: Path, slide_id: str, source: Path) -> str:
+    """Expose the slide under its ID in OUT/slides as a symbolic link; return the path relative to OUT."""
+    # NOTE: MIRAX (.mrxs) keeps its data in a sibling folder that this link does not expose.
+    link = out / "slides" / f"{slide_id}{source.suffix.lower()}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(source.resolve(), link)
+    return link.relative_to(out).as_posix()
+
+
+def _write_tile_csv(path: Path, tiles: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TILE_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(tiles)
+
+
+def _run_jobs(jobs: list[SlideJob], workers: int, show_progress: bool) -> list[SlideResult]:
+    if workers == 1 or len(jobs) <= 1:
+        return [process_slide(job) for job in progress_iter(jobs, "Tiling slides", show_progress)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(progress_iter(list(pool.map(process_slide, jobs)), "Tiling slides", show_progress))
+
+
+def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, report: dict) -> tuple[list, dict]:
+    source = options.source.resolve()
+    base = source if source.is_dir() else source.parent
+    slide_labels = {}
+    if options.labels is not None:
+        try:
+            slide_labels = read_slide_labels(options.labels)
+        except LabelFileError as exc:
+            raise InputError(str(exc)) from exc
+
+    jobs: list[SlideJob] = []
+    patients: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for path in walk_files(source):
+        rel = path.relative_to(base).as_posix()
+        if not _is_slide_candidate(path):
+            report["skipped"].append({"path": rel, "reason": Reason.NOT_A_SLIDE.value,
+                                      "message": f"{path.name}: not a whole-slide image; skipped"})
+            continue
+        slide_id = "slide-" + pseudonyms.digest("slide", _slide_identity(path))[:16]
+        if slide_id in seen:
+            report["skipped"].append({"path": rel, "reason": Reason.DUPLICATE_INSTANCE.value,
+                                      "message": f"{path.name}: same slide content as {seen[slide_id]}; ignored"})
+            continue
+        seen[slide_id] = rel
+        slide_class, annotation = None, None
+        if options.labels is not None:
+            label = slide_labels.get(path.name) or slide_labels.get(path.stem)
+            if label is None:
+                report["rejected"].append({"path": rel, "reason": Reason.LABEL_MISSING.value, "message":
+                    f"{path.name}: no row in {options.labels.name}; add a 'slide,label' row for it"})
+                continue
+            slide_class = label.class_name
+            if label.patient:
+                patients[slide_id] = pseudonyms.patient_id(label.patient)
+        if options.annotations is not None:
+            annotation = find_annotation(options.annotations, path)
+            if annotation is None and options.background_class is None:
+                report["rejected"].append({"path": rel, "reason": Reason.LABEL_MISSING.value, "message":
+                    f"{path.name}: no {path.stem}.geojson in {options.annotations}; export its annotations "
+                    "from QuPath, or pass --background-class to label all its tissue"})
+                continue
+            slide_class = None if annotation else options.background_class
+        jobs.append(SlideJob(
+            path=path, rel_path=rel, slide_id=slide_id, target_mpp=options.mpp, tile_size=options.tile_size,
+            tissue_threshold=options.tissue_threshold, assume_mpp=options.assume_mpp, slide_class=slide_class,
+            annotation_path=annotation, background_class=options.background_class,
+            thumbnail_path=out / "thumbnails" / f"{slide_id}.png",
+            export_dir=out / "tile_images" / slide_id if options.export_tiles else None,
+        ))
+
+    items_by_group: dict[str, list[dict]] = {}
+    for result in _run_jobs(jobs, options.workers, options.show_progress):
+        job = result.job
+        if result.reason is not None:
+            report["rejected"].append({"path": job.rel_path, "reason": result.reason, "message": result.message})
+            logger.warning("rejected %s: %s", job.slide_id, result.message)
+            continue
+        slide_path = _link_slide(out, job.slide_id, job.path)
+        _write_tile_csv(out / "tiles" / f"{job.slide_id}.csv", result.tiles)
+        report["slides"].append({"slide_id": job.slide_id, "source": job.rel_path, "image": slide_path,
+                                 "thumbnail": f"thumbnails/{job.slide_id}.png", "tiles": f"tiles/{job.slide_id}.csv",
+                                 "patient_id": patients.get(job.slide_id), "slide_class": job.slide_class,
+                                 "annotation": job.annotation_path.name if job.annotation_path else None, **result.info})
+        items = []
+        for tile in result.tiles:
+            item = {"image": slide_path, "slide_id": job.slide_id, "location": [tile["x0"], tile["y0"]],
+                    "level": tile["level"], "size": [tile["width"], tile["height"]], "tile_size": tile["tile_size"],
+                    "mpp": [tile["mpp_x"], tile["mpp_y"]], "class_name": tile["class_name"]}
+            if "tile_image" in tile:
+                item["tile_image"] = f"tile_images/{job.slide_id}/{tile['tile_image']}"
+            items.append(item)
+        items_by_group[job.slide_id] = items
+    groups = {slide_id: patients.get(slide_id, slide_id) for slide_id in items_by_group}
+    return [items_by_group, groups], {"split_unit": "patient" if patients else "slide"}
+
+
+def _prepare_tiles(options: WsiOptions, classes: dict[str, list[Path]], pseudonyms: Pseudonymizer, out: Path,
+                   report: dict) -> tuple[list, dict]:
+    from PIL import Image
+
+    base = options.source.resolve()
+    items_by_group: dict[str, list[dict]] = {}
+    all_files = [(class_name, path) for class_name, paths in classes.items() for path in paths]
+    for class_name, path in progress_iter(all_files, "Reading tiles", options.show_progress):
+        rel = path.resolve().relative_to(base).as_posix()
+        try:
+            tile = load_tile(path, options.mpp, options.assume_mpp)
+        except Rejection as rejection:
+            report["rejected"].append({"path": rel, "reason": rejection.reason.value, "message": rejection.message})
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        tile_id = "tile-" + pseudonyms.digest("tile", digest)[:16]
+        if tile_id in items_by_group:
+            report["skipped"].append({"path": rel, "reason": Reason.DUPLICATE_INSTANCE.value,
+                                      "message": f"{path.name}: same content as another tile; ignored"})
+            continue
+        image_path = f"tile_images/{tile_id}.png"
+        (out / "tile_images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tile.pixels).save(out / image_path)
+        items_by_group[tile_id] = [{"image": image_path, "tile_id": tile_id, "mpp": [tile.mpp, tile.mpp],
+                                    "tile_size": int(tile.pixels.shape[1]), "class_name": class_name}]
+        report["tiles"].append({"tile_id": tile_id, "source": rel, "class_name": class_name, "mpp": tile.mpp,
+                                "mpp_source": tile.mpp_source, "resampled": tile.resampled,
+                                "shape": list(tile.pixels.shape)})
+    groups = {tile_id: tile_id for tile_id in items_by_group}
+    return [items_by_group, groups], {"split_unit": "tile (no patient information in a tile folder)"}
+
+
+def prepare_wsi(options: WsiOptions) -> dict:
+    """Run the whole WSI step; return the manifest (also written to ``OUT/manifest.json``).
+
+    Raises ``InputError`` for wrong arguments; problems with single slides or tiles go into the manifest.
+    """
+    _check(options)
+    key = load_or_create_key(options.key_file or default_key_file(), options.out)
+    pseudonyms = Pseudonymizer(key)
+    out = options.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"slides": [], "tiles": [], "rejected": [], "skipped": []}
+
+    tile_classes = find_tile_folders(options.source.resolve())
+    slide_files = [p for p in walk_files(options.source.resolve()) if _is_detected_slide(p)]
+    if tile_classes and not slide_files:
+        (items_by_group, groups), split_info = _prepare_tiles(options, tile_classes, pseudonyms, out, report)
+        mode = "tiles"
+    else:
+        (items_by_group, groups), split_info = _prepare_slides(options, pseudonyms, out, report)
+        mode = "slides"
+
+    split = split_by_patient(groups, options.val_fraction, options.seed)
+    class_names = sorted({item["class_name"] for items in items_by_group.values() for item in items
+                          if item["class_name"] is not None})
+    datalist: dict = {"classes": class_names, "training": [], "validation": []}
+    for group_id in sorted(items_by_group):
+        for item in items_by_group[group_id]:
+            if item["class_name"] is not None:
+                item["label"] = class_names.index(item["class_name"])
+            datalist[split[group_id]].append(item)
+    write_json(out / DATALIST_NAME, datalist)
+
+    tile_counts = Counter(item["class_name"] for items in items_by_group.values() for item in items)
+    manifest = {
+        "format_version": 1,
+        "site_local": True,
+        "notice": MANIFEST_NOTICE,
+        "site": options.site,
+        "fedimaging_version": __version__,
+        "mode": mode,
+        "options": {"mpp": options.mpp, "tile_size": options.tile_size, "tissue_threshold": options.tissue_threshold,
+                    "assume_mpp": options.assume_mpp, "background_class": options.background_class,
+                    "seed": options.seed, "val_fraction": options.val_fraction, **split_info},
+        "coordinates": "x0, y0: level-0 pixels of the tile's top-left corner; width, height: region read at "
+                       "'level' in level pixels, resized to tile_size when they differ; outside the slide is white",
+        "summary": {
+            "slides": len(report["slides"]),
+            "tiles": sum(len(items) for items in items_by_group.values()),
+            "tiles_by_class": {str(k): v for k, v in sorted(tile_counts.items(), key=lambda kv: str(kv[0]))},
+            "rejected_by_reason": dict(Counter(e["reason"] for e in report["rejected"])),
+            "skipped_by_reason": dict(Counter(e["reason"] for e in report["skipped"])),
+        },
+        "slides": report["slides"],
+        "tiles": report["tiles"],
+        "rejected": report["rejected"],
+        "skipped": report["skipped"],
+    }
+    for slide in report["slides"]:
+        slide["split"] = split[slide["slide_id"]]
+    write_json(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def summary_line(manifest: dict) -> str:
+    summary = manifest["summary"]
+    by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(summary["rejected_by_reason"].items())) or "none"
+    return (f"prepared {summary['slides']} slide(s), {summary['tiles']} tile(s) "
+            f"({', '.join(f'{k}: {v}' for k, v in summary['tiles_by_class'].items()) or 'none'}); "
+            f"rejected {sum(summary['rejected_by_reason'].values())} ({by_reason}); "
+            f"skipped {sum(summary['skipped_by_reason'].values())}")

@@ -1,0 +1,1 @@
+"""Whole-slide image preparation: resolution, tissue detection, tile grids, labels, tile loading."""
