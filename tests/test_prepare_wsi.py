@@ -235,3 +235,20 @@ def test_cli_wsi_exit_codes(tmp_path):
     assert bad.returncode == 1
     wrong = run(str(CMU), "--out", str(tmp_path / "c"), "--mpp", "-1", "--key-file", str(tmp_path / "k"))
     assert wrong.returncode == 2 and "--mpp -1" in wrong.stderr
+
+
+def test_slide_labels_csv_and_patient_split(tmp_path, prepare_slides):
+    source = slide_folder(tmp_path, CMU, NDPI, SLIDES / "tcga-cr-7395-01a-01-ts1.svs")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label,patient\ncmu_small_region.svs,tumour,P-1\ntest3-DAPI-2-(387),normal,P-1\n")
+    manifest, datalist, _ = prepare_slides(source, labels=labels, val_fraction=0.5)
+
+    assert {entry["path"]: entry["reason"] for entry in manifest["rejected"]} == {
+        "tcga-cr-7395-01a-01-ts1.svs": "label_missing"}
+    assert datalist["classes"] == ["normal", "tumour"]
+    by_slide = {slide["source"]: slide for slide in manifest["slides"]}
+    assert by_slide["cmu_small_region.svs"]["slide_class"] == "tumour"
+    # Both slides belong to one patient, so they land on the same side of the split.
+    assert len({slide["split"] for slide in manifest["slides"]}) == 1
+    items = datalist["training"] + datalist["validation"]
+    assert {item["label"] for item in items} == {0, 1}
