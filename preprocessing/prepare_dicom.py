@@ -172,8 +172,8 @@ def _build_dicom(groups: list[SeriesGroup], options: PrepareOptions, base: Path,
             if group.first.is_mosaic:
                 raise Rejection(
                     Reason.SIEMENS_MOSAIC,
-                    f"{group.label}: Siemens MOSAIC images pack many slices (usually of a 4D fMRI or diffusion "
-                    "series) into one frame; convert them with dcm2niix, 4D series are not supported",
+                    f"{group.label}: Siemens MOSAIC images pack the slices of a volume into one frame, which is not "
+                    "unpacked here; convert the series with dcm2niix and prepare the NIfTI output",
                 )
             exclusion = group.exclusion(options.include_localizers, options.include_derived)
             if exclusion is not None:
@@ -325,7 +325,12 @@ def _write_case(case_id: str, candidate: Candidate, labels: dict, out: Path) -> 
         write_png(out / entry["image"], image.array)
     else:
         entry["image"] = f"images/{case_id}.nii.gz"
-        write_nifti(out / entry["image"], image.array, image.affine_lps)
+        array = image.array
+        if image.kind == "image2d" and array.ndim == 3:
+            # Colour above 8 bits: (x, y, 1, channel), the layout of colour volumes, never (x, y, 3),
+            # which would read as a three-slice volume.
+            array = array[:, :, np.newaxis, :]
+        write_nifti(out / entry["image"], array, image.affine_lps)
     values: list[int] = []
     if labels["label_map"] is not None:
         entry["label"] = f"labels/{case_id}.nii.gz"

@@ -56,6 +56,12 @@ def load_research_volume(path: Path, reason: Reason = Reason.UNREADABLE_VOLUME) 
             reason, f"{path.name}: cannot be read as a NIfTI/NRRD/MHA volume ({exc.__class__.__name__}: {exc})"
         ) from exc
     array = np.asarray(image)
+    if array.dtype.names is not None or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise Rejection(
+            Reason.UNSUPPORTED_PIXEL_FORMAT,
+            f"{path.name}: voxel type {array.dtype} (for example RGB or RGBA NIfTI) is not a scalar volume; "
+            "convert it to a greyscale volume or prepare the source DICOM series instead",
+        )
     affine_ras = np.asarray(meta["affine"], dtype=np.float64)
     if array.ndim > 3 and all(size == 1 for size in array.shape[3:]):
         array = array.reshape(array.shape[:3])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from preprocessing.reasons import Reason, Rejection
 
@@ -76,6 +77,8 @@ class DicomFile:
     frames: list[FrameInfo] = field(default_factory=list)
     referenced_series_uids: tuple[str, ...] = ()
     is_enhanced: bool = False
+    # Bits per entry of the Modality LUT Sequence, when the file maps stored values through one.
+    modality_lut_bits: int | None = None
 
     @property
     def is_localizer(self) -> bool:
@@ -108,21 +111,33 @@ def _looks_like_dataset(ds: pydicom.Dataset) -> bool:
     return "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds) or _PIXEL_DATA_TAG in ds
 
 
-def read_dataset(path: Path, *, headers_only: bool) -> tuple[pydicom.Dataset, bool]:
-    """Parse ``path`` as DICOM, with or without a preamble; raise ``Rejection`` when it is not DICOM.
+def _dcmread_noting_early_end(source: io.BytesIO | Path, **kwargs) -> tuple[pydicom.Dataset, bool]:
+    """Call ``pydicom.dcmread`` and report whether the file ended inside an element.
 
-    With ``headers_only`` large values (pixel data) are deferred: their length and offset are read
-    but not their bytes.
+    pydicom drops the element it was reading when the file ends early and only warns, so a cut-short
+    file would otherwise look like a complete one without that element. The warnings are re-issued.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(source, **kwargs)
+    ended_early = False
+    for warning in caught:
+        ended_early |= str(warning.message).startswith("End of file reached")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ds, ended_early
+
+
+def read_dataset_noting_early_end(path: Path, *, headers_only: bool) -> tuple[pydicom.Dataset, bool, bool]:
+    """Like ``read_dataset``, and also return whether the file ended inside an element."""
     source, is_gzip = open_dicom_bytes(path)
     kwargs = {"defer_size": 1024} if headers_only else {}
     try:
-        ds = pydicom.dcmread(source, **kwargs)
+        ds, ended_early = _dcmread_noting_early_end(source, **kwargs)
     except InvalidDicomError:
         if isinstance(source, io.BytesIO):
             source.seek(0)
         try:
-            ds = pydicom.dcmread(source, force=True, **kwargs)
+            ds, ended_early = _dcmread_noting_early_end(source, force=True, **kwargs)
         except Exception as exc:  # pydicom raises many types on arbitrary bytes
             raise Rejection(Reason.NOT_DICOM, f"{path.name}: not a DICOM file ({exc.__class__.__name__}); skipped") from exc
         if not _looks_like_dataset(ds):
@@ -132,7 +147,30 @@ def read_dataset(path: Path, *, headers_only: bool) -> tuple[pydicom.Dataset, bo
             Reason.UNREADABLE_FILE,
             f"{path.name}: DICOM header cannot be parsed ({exc}); re-export the file from the archive",
         ) from exc
+    return ds, is_gzip, ended_early
+
+
+def read_dataset(path: Path, *, headers_only: bool) -> tuple[pydicom.Dataset, bool]:
+    """Parse ``path`` as DICOM, with or without a preamble; raise ``Rejection`` when it is not DICOM.
+
+    With ``headers_only`` large values (pixel data) are deferred: their length and offset are read
+    but not their bytes.
+    """
+    ds, is_gzip, _ = read_dataset_noting_early_end(path, headers_only=headers_only)
     return ds, is_gzip
+
+
+def transfer_syntax_of(ds: pydicom.Dataset) -> str:
+    """TransferSyntaxUID from the file meta, else the encoding pydicom found when it read a file without one."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return str(meta.TransferSyntaxUID)
+    is_implicit_vr, is_little_endian = getattr(ds, "original_encoding", (None, None))
+    if is_little_endian is False:
+        return ExplicitVRBigEndian
+    if is_implicit_vr is False:
+        return ExplicitVRLittleEndian
+    return ImplicitVRLittleEndian
 
 
 def _float_list(value, n: int) -> np.ndarray | None:
@@ -183,6 +221,10 @@ def _spacing(value) -> tuple[float, float] | None:
 
 
 def _single_frame(ds: pydicom.Dataset) -> FrameInfo:
+    slope = _optional_float(ds.get("RescaleSlope"))
+    if slope is None:
+        # RT Dose stores its scale to dose units as DoseGridScaling instead of RescaleSlope.
+        slope = _optional_float(ds.get("DoseGridScaling"))
     spacing, source = _spacing(ds.get("PixelSpacing")), "PixelSpacing"
     if spacing is None:
         spacing, source = _spacing(ds.get("ImagerPixelSpacing")), "ImagerPixelSpacing"
@@ -195,9 +237,52 @@ def _single_frame(ds: pydicom.Dataset) -> FrameInfo:
         pixel_spacing_rc_mm=spacing,
         pixel_spacing_source=source,
         slice_thickness_mm=_optional_float(ds.get("SliceThickness")),
-        rescale_slope=_optional_float(ds.get("RescaleSlope")),
+        rescale_slope=slope,
         rescale_intercept=_optional_float(ds.get("RescaleIntercept")),
     )
+
+
+def _grid_frame_positions(ds: pydicom.Dataset, frame: FrameInfo, n_frames: int) -> list[np.ndarray] | None:
+    """Frame positions of a multi-frame RT Dose from GridFrameOffsetVector, or None without one.
+
+    The offsets are distances in mm along the slice normal from the plane of the first frame
+    (PS3.3 C.8.8.3.2). The older absolute form, allowed for axial planes only, contains the normal
+    coordinate of each plane and starts at that of ImagePositionPatient. Differences to the first
+    offset therefore give the positions for both forms.
+    """
+    offsets = _float_list(ds.get("GridFrameOffsetVector"), n_frames)
+    if offsets is None or frame.position_lps is None or frame.orientation is None:
+        return None
+    normal = np.cross(frame.orientation[:3], frame.orientation[3:])
+    norm = np.linalg.norm(normal)
+    if norm == 0:
+        return None
+    normal = normal / norm
+    return [frame.position_lps + (offset - offsets[0]) * normal for offset in offsets]
+
+
+def _number_of_frames(ds: pydicom.Dataset, path: Path) -> int:
+    value = ds.get("NumberOfFrames")
+    if value is None or value == "":
+        return 1
+    try:
+        n_frames = int(value)
+    except (TypeError, ValueError):
+        n_frames = 0
+    if n_frames < 1:
+        raise Rejection(
+            Reason.UNREADABLE_FILE,
+            f"{path.name}: NumberOfFrames {str(value)!r} is not a positive integer; re-export the file from the archive",
+        )
+    return n_frames
+
+
+def _modality_lut_bits(ds: pydicom.Dataset) -> int | None:
+    """Bits per entry of the Modality LUT Sequence (third LUTDescriptor value), or None without one."""
+    item = _first_item(ds, "ModalityLUTSequence")
+    if item is None or "LUTData" not in item:
+        return None
+    return int(item.LUTDescriptor[2])  # an invalid descriptor makes read_header reject the file
 
 
 def _enhanced_frames(ds: pydicom.Dataset, n_frames: int) -> list[FrameInfo]:
@@ -274,29 +359,37 @@ def _check_pixel_length(ds: pydicom.Dataset, path: Path, file_size: int | None) 
 
 
 def check_decoder(transfer_syntax: str, path: Path) -> None:
-    """Raise ``Rejection`` when no installed plugin decodes ``transfer_syntax``."""
+    """Raise ``Rejection`` when no installed plugin decodes ``transfer_syntax``.
+
+    The two cases get different advice. pydicom has no decoder at all for some transfer syntaxes,
+    such as the retired JPEG processes 6/8 and 10/12, so only decompressing the file helps. For the
+    others, a missing plugin can be installed.
+    """
+    from pydicom.pixels import get_decoder
+
     uid = UID(transfer_syntax)
     if not uid.is_compressed:
         return
     try:
-        from pydicom.pixels import get_decoder
-
         decoder = get_decoder(uid)
-        available = decoder.is_available
     except NotImplementedError:
-        available = False
-    if not available:
         raise Rejection(
             Reason.NO_DECODER,
-            f"{path.name}: no decoder installed for transfer syntax {uid.name} ({uid}); "
-            "install pylibjpeg with its libjpeg/openjpeg/rle plugins (or python-gdcm), "
+            f"{path.name}: pydicom {pydicom.__version__} has no decoder for transfer syntax {uid.name} ({uid}) "
+            "with any plugin; decompress the file with dcmdjpeg or gdcmconv before preparing it",
+        ) from None
+    if not decoder.is_available:
+        plugins = "; ".join(decoder.missing_dependencies) or "a pydicom pixel data plugin"
+        raise Rejection(
+            Reason.NO_DECODER,
+            f"{path.name}: no decoder installed for transfer syntax {uid.name} ({uid}); install one of: {plugins}; "
             "or decompress the file with dcmdjpeg or gdcmconv",
         )
 
 
 def read_header(path: Path, rel_path: str) -> DicomFile:
     """Read one file's header; raise ``Rejection`` for non-images, unreadable or truncated files."""
-    ds, is_gzip = read_dataset(path, headers_only=True)
+    ds, is_gzip, ended_early = read_dataset_noting_early_end(path, headers_only=True)
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
     if sop_class == DICOMDIR_STORAGE or "DirectoryRecordSequence" in ds:
@@ -311,32 +404,44 @@ def read_header(path: Path, rel_path: str) -> DicomFile:
             Reason.WHOLE_SLIDE_IMAGE,
             f"{path.name}: whole-slide microscopy image; prepare it with 'fedimaging prepare wsi'",
         )
+    transfer_syntax = transfer_syntax_of(ds)
+    if _PIXEL_DATA_TAG not in ds and ended_early:
+        # A compressed transfer syntax implies encapsulated pixel data, even when pydicom kept no element.
+        if "Rows" in ds or UID(transfer_syntax).is_compressed:
+            raise Rejection(
+                Reason.TRUNCATED_PIXEL_DATA,
+                f"{path.name}: the file ends before its pixel data is complete - file truncated, "
+                "re-export it from the archive",
+            )
+        raise Rejection(
+            Reason.UNREADABLE_FILE,
+            f"{path.name}: the file ends inside a data element - file truncated, re-export it from the archive",
+        )
     if _PIXEL_DATA_TAG not in ds:
         name = UID(sop_class).name if sop_class else "unknown SOP class"
         raise Rejection(Reason.NO_PIXEL_DATA, f"{path.name}: {name} object has no pixel data, so it is not an image")
 
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")) if meta else "1.2.840.10008.1.2"
+    n_frames = _number_of_frames(ds, path)
     if not UID(transfer_syntax).is_compressed:
         _check_pixel_length(ds, path, None if is_gzip else path.stat().st_size)
     if sop_class != SEG_STORAGE:
         check_decoder(transfer_syntax, path)
 
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
     is_enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     if is_enhanced:
         frames = _enhanced_frames(ds, n_frames)
     elif n_frames == 1:
         frames = [_single_frame(ds)]
     else:
-        # A classic multi-frame image (cine, ultrasound loop) has no per-frame position.
+        # A classic multi-frame image (cine, ultrasound loop) has no per-frame position, except
+        # RT Dose, whose frames are planes at GridFrameOffsetVector.
         base = _single_frame(ds)
-        frames = [replace(base, frame_index=i, position_lps=None) for i in range(n_frames)]
-    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
+        positions = _grid_frame_positions(ds, base, n_frames) or [None] * n_frames
+        frames = [replace(base, frame_index=i, position_lps=positions[i]) for i in range(n_frames)]
+    # Values are stripped because some writers pad them with extra spaces ('DERIVED ').
+    image_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType") or []))
     if not image_type and is_enhanced:
-        image_type = tuple(str(v).upper() for v in (ds.get("FrameType") or []))
+        image_type = tuple(str(v).strip().upper() for v in (ds.get("FrameType") or []))
     try:
         return DicomFile(
             path=path,
@@ -363,6 +468,7 @@ def read_header(path: Path, rel_path: str) -> DicomFile:
             frames=frames,
             referenced_series_uids=_referenced_series(ds),
             is_enhanced=is_enhanced,
+            modality_lut_bits=_modality_lut_bits(ds),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise Rejection(

@@ -1,13 +1,16 @@
 """Decode stored pixel values and convert them into physical values (HU for CT).
 
-Stored values are sign-extended or masked to BitsStored, MONOCHROME1 is inverted once so that
-higher values are brighter, and RescaleSlope/RescaleIntercept are applied per frame in float64.
+Stored values are sign-extended or masked to BitsStored, mapped through the Modality LUT Sequence
+where a file has one, MONOCHROME1 is inverted once so that higher values are brighter, and
+RescaleSlope/RescaleIntercept are applied per frame in float64. Palette colour images become
+8-bit RGB.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from pydicom.pixels import apply_color_lut
+import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from preprocessing.dicom.headers import DicomFile, FrameInfo, read_dataset
 from preprocessing.reasons import Reason, Rejection
@@ -27,13 +30,41 @@ def _fix_unused_bits(array: np.ndarray, dicom_file: DicomFile) -> np.ndarray:
     return values.astype(array.dtype)
 
 
+def _palette_to_rgb(indices: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
+    """Map palette indices to 8-bit RGB through the Palette Color Lookup Tables.
+
+    pydicom 3.0.2 reads 16-bit LUT Data as little endian whatever the file's byte order, so the
+    tables of a big endian file are swapped first (on this in-memory copy only). 16-bit entries
+    keep their high byte, which maps both common encodings of 8-bit colours (c * 256, c * 257)
+    back to c.
+    """
+    if dataset.original_encoding[1] is False:
+        n_entries = int(dataset.RedPaletteColorLookupTableDescriptor[0]) or 1 << 16
+        for colour in ("Red", "Green", "Blue", "Alpha"):
+            keyword = f"{colour}PaletteColorLookupTableData"
+            data = dataset.get(keyword)
+            if isinstance(data, bytes) and len(data) == 2 * n_entries:
+                dataset[keyword].value = np.frombuffer(data, dtype=">u2").astype("<u2").tobytes()
+    rgb = apply_color_lut(indices, dataset)
+    if rgb.dtype.itemsize > 1:
+        rgb = (rgb >> (8 * rgb.dtype.itemsize - 8)).astype(np.uint8)
+    return rgb
+
+
 def decode_frames(dicom_file: DicomFile) -> np.ndarray:
-    """Return stored values as (frames, rows, columns) or (frames, rows, columns, 3) for colour."""
+    """Return stored values as (frames, rows, columns) or (frames, rows, columns, 3) for colour.
+
+    Greyscale values are Modality LUT output instead when the file has a Modality LUT Sequence,
+    and palette colour images are 8-bit RGB. Arrays are in native byte order.
+    """
     dataset, _ = read_dataset(dicom_file.path, headers_only=False)
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        # The file meta is missing or lacks the element, and pydicom needs the encoding to decode pixels.
+        dataset.file_meta.TransferSyntaxUID = dicom_file.transfer_syntax
     try:
         array = dataset.pixel_array
         if dicom_file.photometric == "PALETTE COLOR":
-            array = apply_color_lut(array, dataset)
+            array = _palette_to_rgb(array, dataset)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, and plugin-specific types
         raise Rejection(
             Reason.DECODE_FAILED,
@@ -45,7 +76,9 @@ def decode_frames(dicom_file: DicomFile) -> np.ndarray:
         array = array[np.newaxis]
     if not colour and dicom_file.photometric != "PALETTE COLOR":
         array = _fix_unused_bits(array, dicom_file)
-    return array
+        if dicom_file.modality_lut_bits is not None:
+            array = apply_modality_lut(array, dataset)
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo) -> tuple[np.ndarray, bool]:
@@ -56,7 +89,9 @@ def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo)
     values = stored.astype(np.float64)
     inverted = dicom_file.photometric == "MONOCHROME1"
     if inverted:
-        if dicom_file.pixel_representation == 1:
+        if dicom_file.modality_lut_bits is not None:
+            low, high = 0, (1 << dicom_file.modality_lut_bits) - 1
+        elif dicom_file.pixel_representation == 1:
             low, high = -(1 << (dicom_file.bits_stored - 1)), (1 << (dicom_file.bits_stored - 1)) - 1
         else:
             low, high = 0, (1 << dicom_file.bits_stored) - 1
