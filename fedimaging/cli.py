@@ -123,6 +123,60 @@ def _run_prepare_wsi(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write the cross-site validation report (report.json, heatmap.png, report.html) of a finished run",
+        description="Find cross_site_val/cross_val_results.json below RESULT (an NVFlare simulator workspace or the "
+        "unpacked result of a downloaded job) and write report.json, heatmap.png and a self-contained report.html "
+        "into OUT. Exit status: 0 on success, 1 when no cell holds a usable value (the report still explains why), "
+        "2 when RESULT or its results are missing. RESULT is only read.",
+    )
+    parser.add_argument("result", type=Path, metavar="RESULT", help="simulator workspace or unpacked job result folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT",
+                        help="output folder for report.json, heatmap.png and report.html (created if needed)")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args) -> int:
+    from fedimaging.report import run_report_command
+
+    return run_report_command(args.result, args.out)
+
+
+def _add_simulate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run a job in the NVFlare simulator, each simulated site on its own prepared data",
+        description="Run an exported job folder (from jobs/) in the NVFlare simulator with one client per site "
+        "configuration, then check that the job completed (final global model and cross-site results).",
+    )
+    parser.add_argument("job", type=Path, metavar="JOB", help="job folder, e.g. jobs/seg_fedavg")
+    parser.add_argument("--sites", type=Path, nargs="+", required=True, metavar="SITE_CONFIG",
+                        help="site configuration files (YAML), one per simulated site")
+    parser.add_argument("--workspace", type=Path, required=True, metavar="WS", help="new folder for the run's results")
+    parser.add_argument("--rounds", type=int, help="number of FedAvg rounds (default: the job's)")
+    parser.add_argument("--threads", type=int, help="sites run at the same time (default: all)")
+    parser.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args) -> int:
+    from fedimaging.simulate import SimulationError, simulate
+
+    if args.rounds is not None and args.rounds < 1:
+        print(f"fedimaging simulate: error: --rounds {args.rounds}: must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        result = simulate(args.job, args.sites, args.workspace, rounds=args.rounds, threads=args.threads)
+    except SimulationError as exc:
+        print(f"fedimaging simulate: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"job completed; global model: {result.global_model}")
+    print(f"cross-site results: {result.cross_site_results}")
+    print(f"next: fedimaging report {result.workspace} --out <report folder>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
@@ -132,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_kinds = prepare.add_subparsers(dest="kind", required=True)
     _add_prepare_dicom(prepare_kinds)
     _add_prepare_wsi(prepare_kinds)
+    _add_simulate(commands)
+    _add_report(commands)
     return parser
 
 
