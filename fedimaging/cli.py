@@ -177,6 +177,34 @@ def _run_simulate(args) -> int:
     return 0
 
 
+def _add_bundle(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bundle",
+        help="export the best global model of a run as a MONAI bundle",
+        description="Write a MONAI bundle (configs/metadata.json, configs/inference.json, models/model.pt and a "
+        "model card in docs/README.md) of the best global model by the report's rule, or of --model.",
+    )
+    parser.add_argument("result", type=Path, metavar="RESULT", help="simulator workspace or unpacked job result")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to write")
+    parser.add_argument("--model", choices=["SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"],
+                        help="export this global model instead of the best one")
+    parser.set_defaults(handler=_run_bundle)
+
+
+def _run_bundle(args) -> int:
+    from fedimaging.bundle import BundleError, export_bundle
+
+    try:
+        path = export_bundle(args.result, args.out, args.model)
+    except BundleError as exc:
+        print(f"fedimaging bundle: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"bundle: {path}")
+    print(f"run it: python -m monai.bundle run --config_file {path / 'configs' / 'inference.json'} "
+          f"--bundle_root {path} --dataset_dir <images> --output_dir <predictions>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
@@ -188,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_wsi(prepare_kinds)
     _add_simulate(commands)
     _add_report(commands)
+    _add_bundle(commands)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""``fedimaging simulate``: run an exported job in the NVFlare simulator, each site on its own data.
+
+The committed job folder is copied into the workspace first (NVFlare writes into submitted folders),
+and the outcome is checked afterwards: the simulator exits 0 even when a job aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE_NAME = "fedimaging_run.json"
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not start or did not complete; the message says where to look."""
+
+
+@dataclass
+class SimulationResult:
+    """Where the simulator left its results."""
+
+    workspace: Path
+    server_dir: Path
+    global_model: Path
+    cross_site_results: Path
+
+
+def _load_sites(site_files: list[Path]) -> dict[str, Path]:
+    from fedimaging_app.config import ConfigError, load_site_config
+
+    sites: dict[str, Path] = {}
+    for path in site_files:
+        try:
+            config = load_site_config(path)
+        except ConfigError as exc:
+            raise SimulationError(str(exc)) from exc
+        if config.site_name in sites:
+            raise SimulationError(f"{path}: site_name '{config.site_name}' is also used by {sites[config.site_name]}; "
+                                  "every simulated site needs its own name")
+        if not (config.data_dir / "datalist.json").is_file():
+            raise SimulationError(f"{path}: data_dir {config.data_dir} holds no datalist.json; "
+                                  "run 'fedimaging prepare' for this site first")
+        sites[config.site_name] = path.resolve()
+    return sites
+
+
+def _set_rounds(job_dir: Path, rounds: int) -> None:
+    config_path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    changed = False
+    for workflow in config.get("workflows", []):
+        args = workflow.get("args", {})
+        if "num_rounds" in args:
+            args["num_rounds"] = rounds
+            changed = True
+    if not changed:
+        raise SimulationError(f"{config_path}: no workflow with num_rounds, so --rounds cannot be applied")
+    config_path.write_text(json.dumps(config, indent=4))
+
+
+def _set_min_clients(job_dir: Path, n_sites: int) -> None:
+    """Lower the job's ``min_clients`` when fewer sites are simulated than the job asks for."""
+    config_path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    for workflow in config.get("workflows", []):
+        args = workflow.get("args", {})
+        if args.get("min_clients", 0) > n_sites:
+            args["min_clients"] = n_sites
+    config_path.write_text(json.dumps(config, indent=4))
+
+
+def check_outcome(workspace: Path) -> SimulationResult:
+    """Raise ``SimulationError`` unless the final global model and cross-site results exist."""
+    server_dirs = list(workspace.glob("**/server/simulate_job"))
+    if not server_dirs:
+        raise SimulationError(f"{workspace}: no server/simulate_job folder; the simulator did not start the job "
+                              "(see the simulator output above)")
+    server_dir = server_dirs[0]
+    model = next(iter(server_dir.glob("app_server/FL_global_model.pt")), None)
+    results = server_dir / "cross_site_val" / "cross_val_results.json"
+    problems = []
+    if model is None:
+        problems.append("no final global model (app_server/FL_global_model.pt)")
+    if not results.is_file():
+        problems.append("no cross-site validation results (cross_site_val/cross_val_results.json)")
+    if problems:
+        logs = sorted(str(p.relative_to(workspace)) for p in workspace.glob("**/log.txt"))
+        raise SimulationError(f"the job did not complete: {'; '.join(problems)}. Read the logs: {', '.join(logs)}")
+    return SimulationResult(workspace, server_dir, model, results)
+
+
+def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | None = None,
+             threads: int | None = None, timeout_s: float | None = None) -> SimulationResult:
+    """Run ``job`` (an exported job folder) with one simulated client per site configuration."""
+    job = job.resolve()
+    if not (job / "meta.json").is_file():
+        raise SimulationError(f"{job}: not an NVFlare job folder (no meta.json); pass a folder from jobs/")
+    sites = _load_sites(site_files)
+    workspace = workspace.resolve()
+    if workspace.exists() and any(workspace.iterdir()):
+        raise SimulationError(f"--workspace {workspace} is not empty; use a new folder for each run")
+    workspace.mkdir(parents=True, exist_ok=True)
+    job_copy = workspace / "job" / job.name
+    shutil.copytree(job, job_copy)
+    if rounds is not None:
+        _set_rounds(job_copy, rounds)
+    _set_min_clients(job_copy, len(sites))
+    site_map = workspace / "site_configs.json"
+    site_map.write_text(json.dumps({name: str(path) for name, path in sites.items()}, indent=2))
+
+    from fedimaging_app.config import JOB_CONFIG_FILE_NAME, SITE_CONFIG_MAP_ENV, file_sha256
+
+    job_config = job_copy / "app" / "custom" / JOB_CONFIG_FILE_NAME
+    run_info = {
+        "job_name": job.name,
+        "expected_sites": sorted(sites),
+        "job_config_sha256": file_sha256(job_config) if job_config.is_file() else None,
+        "rounds": rounds,
+        "seed": json.loads(job_config.read_text()).get("seed") if job_config.is_file() else None,
+        "site_problems": {},
+    }
+    (workspace / RUN_FILE_NAME).write_text(json.dumps(run_info, indent=2))
+
+    environment = dict(os.environ)
+    environment[SITE_CONFIG_MAP_ENV] = str(site_map)
+    # Each simulated site is a process of its own; one math thread each keeps 2-core machines responsive.
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    command = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_copy), "-w", str(workspace / "sim"),
+               "-c", ",".join(sorted(sites)), "-t", str(threads or len(sites))]
+    logger.info("running %s", " ".join(command))
+    try:
+        completed = subprocess.run(command, env=environment, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise SimulationError(f"the simulator did not finish within {timeout_s:.0f} s") from exc
+    if completed.returncode != 0:
+        raise SimulationError(f"the simulator exited with status {completed.returncode}")
+    return check_outcome(workspace)

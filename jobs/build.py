@@ -1,0 +1,101 @@
+"""Build the NVFlare job folders in ``jobs/`` from the job specifications in ``jobs/specs/``.
+
+Run ``python -m jobs.build`` from the repository root after changing a specification or the code in
+``app_custom/``; a test fails when the committed job folders differ from a fresh build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+APP_CUSTOM = REPO / "app_custom"
+SPECS = REPO / "jobs" / "specs"
+CLIENT_SCRIPTS = {"segmentation": "seg_client.py", "classification": "cls_client.py"}
+JOB_CONFIG_FILE_NAME = "fedimaging_job.json"
+# Cross-site evaluation timeouts in seconds; NVFlare's defaults wait up to 6000 s for a silent site.
+SUBMIT_MODEL_TIMEOUT = 600
+VALIDATION_TIMEOUT = 1800
+
+
+@contextmanager
+def _working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int = 2):
+    """Create the FedAvg recipe of one job; paths inside it are relative to ``app_custom/``.
+
+    Must be called with ``app_custom/`` as the working directory, because NVFlare writes the training
+    script path into the job as given.
+    """
+    sys.path.insert(0, str(APP_CUSTOM))
+    from fedimaging_app.config import JobConfig
+    from fedimaging_app.models import model_spec_for_job
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.recipe.utils import add_cross_site_evaluation
+
+    job = JobConfig.model_validate(spec)
+    recipe = FedAvgRecipe(
+        name=name,
+        model=model_spec_for_job(job),
+        min_clients=min_clients,
+        num_rounds=num_rounds,
+        train_script=CLIENT_SCRIPTS[job.task],
+        train_args="",
+        key_metric=("dice_mean" if job.task == "segmentation" else "balanced_accuracy"),
+    )
+    # NVFlare copies a folder's contents into custom/, so adding app_custom/ itself ships the
+    # fedimaging_app package whole, the client scripts and the job configuration.
+    recipe.add_client_file(".")
+    recipe.add_server_file(".")
+    add_cross_site_evaluation(recipe, submit_model_timeout=SUBMIT_MODEL_TIMEOUT, validation_timeout=VALIDATION_TIMEOUT)
+    return recipe
+
+
+def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 2) -> Path:
+    """Export job ``name`` (spec ``jobs/specs/<name>.json``) as a job folder under ``destination``."""
+    spec_path = SPECS / f"{name}.json"
+    spec = json.loads(spec_path.read_text())
+    config_copy = APP_CUSTOM / JOB_CONFIG_FILE_NAME
+    shutil.copyfile(spec_path, config_copy)
+    try:
+        with _working_directory(APP_CUSTOM):
+            recipe = make_recipe(name, spec, num_rounds=num_rounds, min_clients=min_clients)
+            with tempfile.TemporaryDirectory() as scratch:
+                recipe.export(scratch)
+                target = destination / name
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+    finally:
+        config_copy.unlink(missing_ok=True)
+    return destination / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="job names (default: every spec in jobs/specs)")
+    parser.add_argument("--into", type=Path, default=REPO / "jobs", help="folder to write job folders into")
+    args = parser.parse_args(argv)
+    names = args.names or sorted(p.stem for p in SPECS.glob("*.json"))
+    for name in names:
+        path = export_job(name, args.into)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

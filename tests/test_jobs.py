@@ -1,0 +1,51 @@
+"""Committed job folders match a fresh build and ship only the project's own code."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.build import REPO, SPECS, export_job
+
+JOBS = sorted(p.stem for p in SPECS.glob("*.json"))
+ALLOWED_CUSTOM = {"README.md", "fedimaging_job.json", "seg_client.py", "cls_client.py"}
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_committed_job_matches_build(name, tmp_path):
+    fresh = export_job(name, tmp_path)
+    committed = REPO / "jobs" / name
+    assert tree(committed) == tree(fresh), f"jobs/{name} is out of date: run 'python -m jobs.build'"
+    for relative in tree(fresh):
+        assert filecmp.cmp(committed / relative, fresh / relative, shallow=False), (
+            f"jobs/{name}/{relative} differs from a fresh build: run 'python -m jobs.build'")
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_custom_holds_only_project_code(name):
+    custom = REPO / "jobs" / name / "app" / "custom"
+    for relative in tree(custom):
+        path = Path(relative)
+        assert relative in ALLOWED_CUSTOM or (path.parts[0] == "fedimaging_app" and path.suffix == ".py"), relative
+    shipped = {p.name for p in (custom / "fedimaging_app").glob("*.py")}
+    source = {p.name for p in (REPO / "app_custom" / "fedimaging_app").glob("*.py")}
+    assert shipped == source
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_has_no_site_paths(name):
+    job = REPO / "jobs" / name
+    text = "\n".join((job / relative).read_text() for relative in tree(job) if relative.endswith(".json"))
+    assert "/work" not in text and "/home" not in text and "/tmp" not in text
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    workflows = [w["path"] for w in server["workflows"]]
+    assert any("CrossSiteModelEval" in path for path in workflows)
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app": ["@ALL"]}
