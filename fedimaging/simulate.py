@@ -67,15 +67,23 @@ def _set_rounds(job_dir: Path, rounds: int) -> None:
     config_path.write_text(json.dumps(config, indent=4))
 
 
-def _set_min_clients(job_dir: Path, n_sites: int) -> None:
-    """Lower the job's ``min_clients`` when fewer sites are simulated than the job asks for."""
+def _train_every_site(job_dir: Path, n_sites: int) -> None:
+    """Make every simulated site train in every round.
+
+    NVFlare's FedAvg samples ``num_clients`` sites at random each round, so a job built for fewer
+    sites than are simulated would leave a random site out of each round.
+    """
     config_path = job_dir / "app" / "config" / "config_fed_server.json"
     config = json.loads(config_path.read_text())
     for workflow in config.get("workflows", []):
-        args = workflow.get("args", {})
-        if args.get("min_clients", 0) > n_sites:
-            args["min_clients"] = n_sites
+        # The exporter omits num_clients when it equals FedAvg's default (3), so set it explicitly.
+        if workflow.get("path", "").endswith(".FedAvg") or "num_clients" in workflow.get("args", {}):
+            workflow.setdefault("args", {})["num_clients"] = n_sites
     config_path.write_text(json.dumps(config, indent=4))
+    meta_path = job_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["min_clients"] = n_sites
+    meta_path.write_text(json.dumps(meta, indent=4))
 
 
 def check_outcome(workspace: Path) -> SimulationResult:
@@ -113,7 +121,7 @@ def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | N
     shutil.copytree(job, job_copy)
     if rounds is not None:
         _set_rounds(job_copy, rounds)
-    _set_min_clients(job_copy, len(sites))
+    _train_every_site(job_copy, len(sites))
     site_map = workspace / "site_configs.json"
     site_map.write_text(json.dumps({name: str(path) for name, path in sites.items()}, indent=2))
 

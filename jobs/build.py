@@ -35,7 +35,7 @@ def _working_directory(path: Path):
         os.chdir(previous)
 
 
-def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int = 2):
+def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int = 3):
     """Create the FedAvg recipe of one job; paths inside it are relative to ``app_custom/``.
 
     Must be called with ``app_custom/`` as the working directory, because NVFlare writes the training
@@ -65,8 +65,12 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
     return recipe
 
 
-def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 2) -> Path:
-    """Export job ``name`` (spec ``jobs/specs/<name>.json``) as a job folder under ``destination``."""
+def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 3) -> Path:
+    """Export job ``name`` (spec ``jobs/specs/<name>.json``) as a job folder under ``destination``.
+
+    ``min_clients`` becomes both the number of sites the job waits for and FedAvg's ``num_clients``,
+    the number of sites it samples each round; a federation of another size sets both in the job.
+    """
     spec_path = SPECS / f"{name}.json"
     spec = json.loads(spec_path.read_text())
     config_copy = APP_CUSTOM / JOB_CONFIG_FILE_NAME

@@ -13,14 +13,20 @@ import numpy as np
 MIN_CASES_FOR_INTERVAL = 5
 
 
-def summarize(value: float, n_cases: int, interval: tuple[float, float] | None) -> dict:
+def summarize(value: float | None, n_cases: int, interval: tuple[float, float] | None,
+              reason: str | None = None) -> dict:
+    """One metric as sites send it; ``reason`` says why ``value`` is missing, when it is."""
     small = n_cases < MIN_CASES_FOR_INTERVAL
-    return {
+    missing = value is None or not np.isfinite(value)
+    summary = {
         "value": None if value is None or not np.isfinite(value) else float(value),
         "n": int(n_cases),
         "ci95": None if small or interval is None else [float(interval[0]), float(interval[1])],
         "small_sample": bool(small),
     }
+    if missing:
+        summary["reason"] = reason or "the metric is undefined on these cases"
+    return summary
 
 
 def bootstrap_over_patients(
@@ -49,14 +55,15 @@ def bootstrap_over_patients(
     return float(low), float(high)
 
 
-def mean_with_interval(values: np.ndarray, patients: list[str], samples: int, seed: int) -> dict:
+def mean_with_interval(values: np.ndarray, patients: list[str], samples: int, seed: int,
+                       reason: str = "no validation case carries this class") -> dict:
     """Case-weighted mean of finite per-case values, with a patient-level bootstrap interval."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
     kept_values = values[finite]
     kept_patients = [p for p, ok in zip(patients, finite) if ok]
     if kept_values.size == 0:
-        return summarize(None, 0, None)
+        return summarize(None, 0, None, reason)
     interval = None
     if kept_values.size >= MIN_CASES_FOR_INTERVAL:
         interval = bootstrap_over_patients(kept_patients, lambda idx: float(np.mean(kept_values[idx])), samples, seed)

@@ -109,7 +109,9 @@ def parse_metric_entry(entry: Any) -> MetricEntry:
     metric = MetricEntry(value, n, interval, small_sample, interval_problem=interval_problem)
 
     if value is None:
-        metric.problem = f"value {entry.get('value')!r} is missing or not a finite number"
+        site_reason = entry.get("reason")
+        metric.problem = (str(site_reason) if isinstance(site_reason, str) and site_reason
+                          else f"value {entry.get('value')!r} is missing or not a finite number")
     elif n is None:
         metric.problem = f"case count n {entry.get('n')!r} is missing or not a non-negative integer"
     elif n == 0:

@@ -176,5 +176,6 @@ class ClassificationEngine:
             interval = None
             if len(t) >= 5:
                 interval = bootstrap_over_patients(self.patients, statistic, self.job.bootstrap_samples, self.job.seed)
-            metrics[name] = summarize(statistic(everything), len(t), interval)
+            reason = "only one class among the validation tiles, so it is undefined" if name == "auc_ovr" else None
+            metrics[name] = summarize(statistic(everything), len(t), interval, reason)
         return {"metrics": metrics, "n_cases": len(t), "n_patients": len(set(self.patients))}

@@ -115,7 +115,10 @@ class SegmentationEngine:
         metrics = {}
         seed = self.job.seed
         for index, name in enumerate(self.job.classes):
-            metrics[f"dice_{name}"] = mean_with_interval(values[:, index], patients, self.job.bootstrap_samples, seed)
+            reason = ("not annotated at this site (an optional class its labels lack)"
+                      if self.plans[index].source is None else "no validation case carries this class")
+            metrics[f"dice_{name}"] = mean_with_interval(values[:, index], patients, self.job.bootstrap_samples, seed,
+                                                         reason)
         with np.errstate(invalid="ignore"):
             case_means = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=1) if values.size else values
         metrics[self.primary_metric] = mean_with_interval(case_means, patients, self.job.bootstrap_samples, seed)
