@@ -25,9 +25,9 @@ KATHER = DATA / "pathology" / "tiles" / "kather2016"
 CMU = DATA / "pathology" / "slides" / "cmu_small_region.svs"
 SEG_ROUNDS = 8
 CLS_ROUNDS = 3
-# Final global model's aorta Dice at every site must exceed this. Measured on a 2-core CPU after 8 rounds:
-# 0.30 to 0.82 per site, against 0.002 to 0.01 for the untrained network.
-AORTA_DICE_THRESHOLD = 0.2
+# Final global model's aorta Dice at every site must exceed this. Measured with this job on a 2-core CPU
+# after 8 rounds: 0.51 (site-2), 0.86 (site-1), 0.86 (site-3), against 0.002 to 0.01 untrained.
+AORTA_DICE_THRESHOLD = 0.3
 
 pytestmark = pytest.mark.slow
 
