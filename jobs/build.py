@@ -47,7 +47,11 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe.utils import add_cross_site_evaluation
 
+    from fedimaging_app.server_aggregator import CheckedAggregator
+
     job = JobConfig.model_validate(spec)
+    aggregator = CheckedAggregator(method=job.aggregation.method, trim_fraction=job.aggregation.trim_fraction,
+                                   min_clients=job.aggregation.min_valid_replies)
     recipe = FedAvgRecipe(
         name=name,
         model=model_spec_for_job(job),
@@ -56,6 +60,7 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
         train_script=CLIENT_SCRIPTS[job.task],
         train_args="",
         key_metric=("dice_mean" if job.task == "segmentation" else "balanced_accuracy"),
+        aggregator=aggregator,
     )
     # NVFlare copies a folder's contents into custom/, so adding app_custom/ itself ships the
     # fedimaging_app package whole, the client scripts and the job configuration.

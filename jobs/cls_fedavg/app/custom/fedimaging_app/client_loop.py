@@ -62,6 +62,23 @@ def _versions() -> dict:
     return {"fedimaging": __version__, "monai": str(monai.__version__), "torch": str(torch.__version__), "nvflare": str(nvflare_version)}
 
 
+def clip_model_update(model: torch.nn.Module, global_params: dict, max_norm: float) -> float:
+    """Scale the model's update (its weights minus ``global_params``) to at most ``max_norm``; return the norm before."""
+    import numpy as np
+
+    from fedimaging_app.aggregation import clip_update, update_norm
+
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    reference = {k: np.asarray(global_params[k].cpu() if hasattr(global_params[k], "cpu") else global_params[k])
+                 for k in state}
+    norm = update_norm(state, reference)
+    if norm > max_norm:
+        clipped = clip_update(state, reference, max_norm)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in clipped.items()})
+        logger.info("update norm %.4g clipped to %.4g", norm, max_norm)
+    return norm
+
+
 def metrics_message(engine, result: dict, job: JobConfig, provenance: dict) -> dict:
     """The summary a site sends for one model: the fedimaging metrics contract, never per-case values."""
     return {
@@ -125,6 +142,8 @@ def run(engine_factory, custom_dir: Path) -> None:
         before = engine.validate(model)
         global_copy = copy.deepcopy(model).eval() if job.fedprox_mu > 0 else None
         loss = engine.train(model, global_copy, writer, round_number)
+        if job.aggregation.max_update_norm is not None:
+            clip_model_update(model, incoming.params, job.aggregation.max_update_norm)
         local_state = copy.deepcopy(model.state_dict())
         primary = before["metrics"][engine.primary_metric]["value"]
         if writer is not None:

@@ -36,6 +36,19 @@ class ModelSpec(BaseModel):
     image_size: int | None = None  # classification: tiles are resized to this many pixels
 
 
+class AggregationSpec(BaseModel):
+    """How the server combines the sites' replies, and the clipping sites apply before sending."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["weighted_mean", "median", "trimmed_mean"] = "weighted_mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    # Fewer valid replies than this fail the round.
+    min_valid_replies: int = Field(2, ge=1)
+    # Sites scale their update (weights minus the received global model) to at most this L2 norm.
+    max_update_norm: float | None = Field(None, gt=0)
+
+
 class JobConfig(BaseModel):
     """Everything about training that is the same at every site."""
 
@@ -53,6 +66,7 @@ class JobConfig(BaseModel):
     # epochs_per_round passes (sites with one or two cases would otherwise take one or two steps).
     steps_per_round: int | None = Field(None, ge=1)
     bootstrap_samples: int = Field(1000, ge=100)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     # Segmentation only.
     patch_size: list[int] = Field(default_factory=lambda: [64, 64, 32])
     spacing_mm: list[float] | None = None
