@@ -107,8 +107,11 @@ def check_outcome(workspace: Path) -> SimulationResult:
 
 
 def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | None = None,
-             threads: int | None = None, timeout_s: float | None = None) -> SimulationResult:
-    """Run ``job`` (an exported job folder) with one simulated client per site configuration."""
+             threads: int | None = None, timeout_s: float | None = None, log_name: str | None = None) -> SimulationResult:
+    """Run ``job`` (an exported job folder) with one simulated client per site configuration.
+
+    With ``log_name`` the simulator's output goes to that file in ``workspace`` instead of the terminal.
+    """
     job = job.resolve()
     if not (job / "meta.json").is_file():
         raise SimulationError(f"{job}: not an NVFlare job folder (no meta.json); pass a folder from jobs/")
@@ -146,9 +149,15 @@ def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | N
                "-c", ",".join(sorted(sites)), "-t", str(threads or len(sites))]
     logger.info("running %s", " ".join(command))
     try:
-        completed = subprocess.run(command, env=environment, timeout=timeout_s, check=False)
+        if log_name:
+            with open(workspace / log_name, "w") as log:
+                completed = subprocess.run(command, env=environment, timeout=timeout_s, check=False,
+                                           stdout=log, stderr=subprocess.STDOUT)
+        else:
+            completed = subprocess.run(command, env=environment, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
         raise SimulationError(f"the simulator did not finish within {timeout_s:.0f} s") from exc
     if completed.returncode != 0:
-        raise SimulationError(f"the simulator exited with status {completed.returncode}")
+        where = f"; see {workspace / log_name}" if log_name else ""
+        raise SimulationError(f"the simulator exited with status {completed.returncode}{where}")
     return check_outcome(workspace)

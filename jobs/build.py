@@ -70,16 +70,27 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
     return recipe
 
 
-def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 3) -> Path:
+def _global_models_only(job_dir: Path) -> None:
+    """Skip NVFlare's submit_model task, so cross-site evaluation never sends a site's local model to others."""
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    for workflow in config["workflows"]:
+        if workflow["path"].endswith("CrossSiteModelEval"):
+            workflow.setdefault("args", {})["submit_model_task_name"] = ""
+    path.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 3,
+               spec: dict | None = None) -> Path:
     """Export job ``name`` (spec ``jobs/specs/<name>.json``) as a job folder under ``destination``.
 
     ``min_clients`` becomes both the number of sites the job waits for and FedAvg's ``num_clients``,
     the number of sites it samples each round; a federation of another size sets both in the job.
     """
-    spec_path = SPECS / f"{name}.json"
-    spec = json.loads(spec_path.read_text())
+    if spec is None:
+        spec = json.loads((SPECS / f"{name}.json").read_text())
     config_copy = APP_CUSTOM / JOB_CONFIG_FILE_NAME
-    shutil.copyfile(spec_path, config_copy)
+    config_copy.write_text(json.dumps(spec, indent=2) + "\n")
     try:
         with _working_directory(APP_CUSTOM):
             recipe = make_recipe(name, spec, num_rounds=num_rounds, min_clients=min_clients)
@@ -89,6 +100,9 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+        if spec.get("differential_privacy"):
+            # Local models are not differentially private: with DP, only global models are cross-validated.
+            _global_models_only(target)
     finally:
         config_copy.unlink(missing_ok=True)
     return destination / name

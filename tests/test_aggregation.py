@@ -141,3 +141,51 @@ def test_nvflare_aggregator_excludes_bad_reply():
             "client_name": reply.site, FLMetaKey.NUM_STEPS_CURRENT_ROUND: reply.weight}))
     with pytest.raises(AggregationError, match="total aggregation weight is 0"):
         aggregator.aggregate_model()
+
+
+def test_dp_epsilon_matches_accountant():
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedimaging_app.privacy import epsilon_after
+
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    for noise_multiplier, rounds, delta in ((1.0, 10, 1e-5), (2.0, 5, 1e-6), (0.8, 20, 1e-5)):
+        rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=rounds, orders=orders)
+        reference, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        assert epsilon_after(rounds, noise_multiplier, delta) == pytest.approx(float(reference), rel=1e-9)
+    assert epsilon_after(10, 2.0, 1e-5) < epsilon_after(10, 1.0, 1e-5) < epsilon_after(20, 1.0, 1e-5)
+
+
+def test_dp_noise_reaches_update():
+    import torch
+
+    from fedimaging_app.privacy import privatize_update
+
+    model = torch.nn.Linear(100, 100)
+    global_params = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # an update of norm 100, far above the clip norm
+    result = privatize_update(model, global_params, clip_norm=1.0, noise_multiplier=0.5,
+                              generator=np.random.default_rng(0))
+    assert result["update_norm_before_clipping"] == pytest.approx(100.0, rel=1e-4)
+    update = (model.weight - global_params["weight"]).detach().numpy()
+    # Clipped to norm 1 over 10 000 weights: each weight moved by 0.01, plus N(0, 0.5^2) noise.
+    assert update.std() == pytest.approx(0.5, rel=0.05)
+    assert abs(update.mean() - 0.01) < 0.02
+
+
+def test_dp_job_refuses_robust_aggregation_and_local_models(tmp_path):
+    from fedimaging_app.config import JobConfig
+    from jobs.build import SPECS, export_job
+
+    spec = json.loads((SPECS / "cls_fedavg.json").read_text())
+    spec["differential_privacy"] = {"noise_multiplier": 1.0, "clip_norm": 1.0}
+    spec["aggregation"] = {"method": "median"}
+    with pytest.raises(ValueError, match="calibrated for FedAvg"):
+        JobConfig.model_validate(spec)
+
+    spec["aggregation"] = {"method": "weighted_mean"}
+    job = export_job("cls_fedavg", tmp_path, spec=spec)
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    (evaluation,) = [w for w in server["workflows"] if w["path"].endswith("CrossSiteModelEval")]
+    assert evaluation["args"]["submit_model_task_name"] == ""

@@ -49,6 +49,16 @@ class AggregationSpec(BaseModel):
     max_update_norm: float | None = Field(None, gt=0)
 
 
+class PrivacySpec(BaseModel):
+    """Client-level differential privacy (DP-FedAvg) applied at every site."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_multiplier: float = Field(gt=0)
+    clip_norm: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
 class JobConfig(BaseModel):
     """Everything about training that is the same at every site."""
 
@@ -67,6 +77,7 @@ class JobConfig(BaseModel):
     steps_per_round: int | None = Field(None, ge=1)
     bootstrap_samples: int = Field(1000, ge=100)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    differential_privacy: PrivacySpec | None = None
     # Segmentation only.
     patch_size: list[int] = Field(default_factory=lambda: [64, 64, 32])
     spacing_mm: list[float] | None = None
@@ -92,6 +103,9 @@ class JobConfig(BaseModel):
                 raise ValueError("intensity_window needs [low, high] with low < high")
         elif len(self.classes) < 2:
             raise ValueError("classification needs at least two classes")
+        if self.differential_privacy is not None and self.aggregation.method != "weighted_mean":
+            raise ValueError("differential_privacy is calibrated for FedAvg (aggregation.method weighted_mean); "
+                             "median and trimmed mean change its sensitivity")
         return self
 
     @property

@@ -321,6 +321,14 @@ def _add_result_notes(sites, rows, parsed, site_problems, validators, notes: lis
         results = [parsed[(site, row.model)] for row in rows if (site, row.model) in parsed]
         for note in dict.fromkeys(result.note for result in results if result.note):
             notes.append(f"{site}: {note}")
+        spent = [result.differential_privacy for result in results if result.differential_privacy]
+        if spent:
+            privacy = max(spent, key=lambda p: p.get("rounds") or 0)
+            notes.append(
+                f"{site}: differential privacy (client-level DP-FedAvg, Opacus RDP accountant): "
+                f"epsilon {float(privacy['epsilon']):.3g} at delta {privacy.get('delta')} after "
+                f"{privacy.get('rounds')} rounds, noise multiplier {privacy.get('noise_multiplier')}, "
+                f"clip norm {privacy.get('clip_norm')}")
         manifests = {result.manifest_sha256 for result in results if result.manifest_sha256}
         if len(manifests) > 1:
             notes.append(f"{site} reports different manifest_sha256 values for different models, so the models "

@@ -48,6 +48,8 @@ class ValidationResult:
     seed: int | None = None
     versions: dict[str, str | None] = field(default_factory=dict)
     note: str | None = None
+    # Differential privacy spent by the site: epsilon, delta, noise_multiplier, clip_norm, rounds.
+    differential_privacy: dict | None = None
 
 
 def parse_result(raw: Any) -> ValidationResult:
@@ -77,6 +79,9 @@ def parse_result(raw: Any) -> ValidationResult:
     result.site_config_sha256 = _text(raw.get("site_config_sha256"))
     result.seed = _count(raw.get("seed"), allow_negative=True)
     result.note = _text(raw.get("note"))
+    privacy = raw.get("differential_privacy")
+    if isinstance(privacy, dict) and finite_number(privacy.get("epsilon")) is not None:
+        result.differential_privacy = privacy
     versions = raw.get("versions") if isinstance(raw.get("versions"), dict) else {}
     result.versions = {key: _text(versions.get(key)) for key in VERSION_KEYS}
 

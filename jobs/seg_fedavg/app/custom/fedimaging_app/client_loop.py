@@ -27,6 +27,7 @@ from fedimaging_app.config import (
     locate_site_config,
 )
 from fedimaging_app.models import build_model
+from fedimaging_app.privacy import epsilon_after, privatize_update
 from fedimaging_app.site_data import load_prepared
 
 logger = logging.getLogger(__name__)
@@ -128,21 +129,41 @@ def run(engine_factory, custom_dir: Path) -> None:
     model = build_model(job).to(device)
     local_state = None
     round_number = 0
+    rounds_done = 0
+    privacy = None
+    # Noise must not be reproducible by others, so it does not come from the job's seed.
+    noise_rng = np.random.default_rng()
     while flare.is_running():
         incoming = flare.receive()
         if flare.is_submit_model():
+            if job.differential_privacy is not None:
+                # A local model is not differentially private; jobs with DP never request it.
+                logger.error("site %s: refused to send its local model because the job uses differential privacy",
+                             site_name)
+                flare.send(flare.FLModel(params={}))
+                continue
             state = local_state if local_state is not None else model.state_dict()
             flare.send(flare.FLModel(params={k: v.cpu() for k, v in state.items()}))
             continue
         model.load_state_dict(incoming.params)
         if flare.is_evaluate():
-            flare.send(flare.FLModel(metrics=metrics_message(engine, engine.validate(model), job, provenance)))
+            message = metrics_message(engine, engine.validate(model), job, provenance)
+            message["differential_privacy"] = privacy
+            flare.send(flare.FLModel(metrics=message))
             continue
         round_number = incoming.current_round or round_number
         before = engine.validate(model)
         global_copy = copy.deepcopy(model).eval() if job.fedprox_mu > 0 else None
         loss = engine.train(model, global_copy, writer, round_number)
-        if job.aggregation.max_update_norm is not None:
+        if job.differential_privacy is not None:
+            dp = job.differential_privacy
+            privatize_update(model, incoming.params, dp.clip_norm, dp.noise_multiplier, noise_rng)
+            rounds_done += 1
+            privacy = {"epsilon": epsilon_after(rounds_done, dp.noise_multiplier, dp.delta), "delta": dp.delta,
+                       "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm, "rounds": rounds_done}
+            logger.info("site %s: differential privacy spent so far: epsilon %.3f at delta %g after %d rounds",
+                        site_name, privacy["epsilon"], dp.delta, rounds_done)
+        elif job.aggregation.max_update_norm is not None:
             clip_model_update(model, incoming.params, job.aggregation.max_update_norm)
         local_state = copy.deepcopy(model.state_dict())
         primary = before["metrics"][engine.primary_metric]["value"]
