@@ -98,6 +98,7 @@ def test_segmentation_federation(tmp_path):
     liver_site3 = next(c for c in report["cells"]
                        if c["model"] == "SRV_FL_global_model.pt" and c["site"] == "site-3" and c["metric"] == "dice_liver")
     assert liver_site3["value"] is None
+    assert liver_site3["status"] == "not_applicable"
     assert "not annotated at this site" in liver_site3["reason"]
     assert any("validated on its" in note for note in report["notes"])
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000

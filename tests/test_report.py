@@ -435,3 +435,18 @@ def test_report_imports_no_training_stack(tmp_path):
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "LOADED []" in completed.stdout
+
+
+def test_not_applicable_metric_is_not_failure(tmp_path):
+    results = cross_val_results()
+    for model_results in results["site-1"].values():
+        entry = model_results["metrics"].setdefault(METRICS[1], {})
+        entry.update({"value": None, "n": 0, "ci95": None, "not_applicable": True,
+                      "reason": "not annotated at this site (an optional class its labels lack)"})
+    report = make_report(simulator_workspace(tmp_path / "ws", results), tmp_path / "out")
+    target = cell(report, "SRV_FL_global_model.pt", "site-1", METRICS[1])
+    assert target["status"] == "not_applicable"
+    assert "not annotated" in target["reason"]
+    assert cell(report, "SRV_FL_global_model.pt", "site-1")["status"] in ("ok", "small_sample")
+    assert any("covers fewer classes" in note for note in report["notes"])
+    assert all(c["status"] != "failed" for c in report["cells"] if c["site"] == "site-1" and c["metric"] == METRICS[1])

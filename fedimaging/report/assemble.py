@@ -14,7 +14,7 @@ from fedimaging.report.load import ReportInputs
 from fedimaging.report.metrics import VERSION_KEYS, ValidationResult, parse_result
 from fedimaging.report.model import (
     BEST_GLOBAL_RULE, FAILED, GLOBAL_BEST, GLOBAL_BEST_MODEL, GLOBAL_FINAL, GLOBAL_FINAL_MODEL, GLOBAL_KINDS,
-    GLOBAL_OTHER, LOCAL, MISSING, OK, SMALL_SAMPLE, SMALL_SAMPLE_REASON, BestGlobalModel, Cell, ModelSummary,
+    GLOBAL_OTHER, LOCAL, MISSING, NOT_APPLICABLE, OK, SMALL_SAMPLE, SMALL_SAMPLE_REASON, BestGlobalModel, Cell, ModelSummary,
     Provenance, Report, RunSummary, SiteProvenance, SiteSummary,
 )
 
@@ -68,6 +68,10 @@ def build_report(inputs: ReportInputs, generated_at: datetime | None = None) -> 
     best = _best_global(model_summaries, primary_metric, notes)
     provenance = _provenance(inputs, sites, rows, parsed, generated_at, notes)
     _add_result_notes(sites, rows, parsed, inputs.run.site_problems, validators, notes)
+    lacking = sorted({cell.site for cell in cells if cell.status == NOT_APPLICABLE})
+    if lacking and primary_metric == "dice_mean":
+        notes.append(f"dice_mean averages the classes each site annotates, so at {', '.join(lacking)} it covers "
+                     "fewer classes than elsewhere; compare the per-class metrics too.")
 
     run = RunSummary(
         job_name=inputs.run.job_name or _job_name_from_layout(inputs.results.relpath),
@@ -189,6 +193,8 @@ def _cell(row: _Row, site: str, metric: str | None, validators, broken_sites, pa
     entry = result.metrics.get(metric) if metric is not None else None
     if entry is None:
         return unusable(MISSING, "the site did not report this metric")
+    if entry.not_applicable:
+        return unusable(NOT_APPLICABLE, entry.problem or "the metric does not apply at this site")
     if entry.problem:
         return unusable(FAILED, entry.problem)
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fedimaging.report.labels import format_interval, format_value, is_own_site, model_label
-from fedimaging.report.model import FAILED, SMALL_SAMPLE, Cell, Report
+from fedimaging.report.model import FAILED, NOT_APPLICABLE, SMALL_SAMPLE, Cell, Report
 
 CELL_WIDTH_IN = 1.5
 CELL_HEIGHT_IN = 1.0
@@ -105,10 +105,11 @@ def _norm(values: np.ndarray) -> Normalize:
 def _annotate(axes, i: int, j: int, cell: Cell, image) -> None:
     if not cell.usable:
         colour = FAILED_COLOUR if cell.status == FAILED else MISSING_COLOUR
+        label = "n/a" if cell.status == NOT_APPLICABLE else cell.status
         axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=colour, edgecolor="none",
                                  hatch="//" if cell.status == FAILED else None))
         reason = textwrap.wrap(textwrap.shorten(cell.reason or "", width=44, placeholder="…"), width=22)[:2]
-        axes.text(j, i - 0.2, cell.status, ha="center", va="center", fontsize=10, fontweight="bold", color="#222222",
+        axes.text(j, i - 0.2, label, ha="center", va="center", fontsize=10, fontweight="bold", color="#222222",
                   bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5})
         axes.text(j, i + 0.17, _plain("\n".join(reason)), ha="center", va="center", fontsize=7.5, color="#222222",
                   linespacing=1.2, bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.0})

@@ -29,6 +29,7 @@ class MetricEntry:
     small_sample: bool
     problem: str | None = None
     interval_problem: str | None = None
+    not_applicable: bool = False
 
 
 @dataclass
@@ -113,6 +114,7 @@ def parse_metric_entry(entry: Any) -> MetricEntry:
     interval, interval_problem = _interval(entry.get("ci95"))
     metric = MetricEntry(value, n, interval, small_sample, interval_problem=interval_problem)
 
+    metric.not_applicable = entry.get("not_applicable") is True and value is None
     if value is None:
         site_reason = entry.get("reason")
         metric.problem = (str(site_reason) if isinstance(site_reason, str) and site_reason

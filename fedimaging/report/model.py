@@ -27,6 +27,8 @@ OK = "ok"
 FAILED = "failed"
 MISSING = "missing"
 SMALL_SAMPLE = "small_sample"
+# The site says the metric does not apply there (e.g. an optional class it does not annotate).
+NOT_APPLICABLE = "not_applicable"
 USABLE_STATUSES = (OK, SMALL_SAMPLE)
 
 SMALL_SAMPLE_CASES = 5

@@ -11,7 +11,7 @@ from html import escape
 
 from fedimaging.report.labels import format_interval, format_value, is_own_site, model_label
 from fedimaging.report.model import (
-    GLOBAL_KINDS, LOCAL, MISSING, OK, SCHEMA_VERSION, SMALL_SAMPLE, SMALL_SAMPLE_REASON, Cell, Report,
+    GLOBAL_KINDS, LOCAL, MISSING, NOT_APPLICABLE, OK, SCHEMA_VERSION, SMALL_SAMPLE, SMALL_SAMPLE_REASON, Cell, Report,
 )
 
 STYLE = """
@@ -82,6 +82,7 @@ def render_page(report: Report, heatmap_png: bytes) -> str:
 
 def _summary_section(report: Report) -> str:
     run, provenance, best = report.run, report.provenance, report.best_global_model
+    n_not_applicable = sum(1 for cell in report.cells if cell.status == NOT_APPLICABLE)
     site_counts = {status: sum(1 for site in report.sites if site.status == status) for status in ("ok", "failed", "missing")}
     sites_text = ", ".join(run.expected_sites) or "none"
     source = "fedimaging_run.json" if run.expected_sites_source == "run_file" else "sites seen in the results"
@@ -94,7 +95,8 @@ def _summary_section(report: Report) -> str:
         ("Expected sites", f"{escape(sites_text)} <span class=\"reason\">(from {source})</span>"),
         *([("Other sites with results", escape(", ".join(extra)))] if extra else []),
         ("Site status", f"{site_counts['ok']} ok, {site_counts['failed']} failed, {site_counts['missing']} missing"),
-        ("Usable cells", f"{report.usable_cell_count} of {len(report.cells)}"),
+        ("Usable cells", f"{report.usable_cell_count} of {len(report.cells)}"
+                         + (f" ({n_not_applicable} not applicable at their site)" if n_not_applicable else "")),
         ("Best global model", escape(best.model) if best.model else escape(best.reason or "none")),
         ("Run seed", escape(str(run.seed)) if run.seed is not None else "not recorded"),
         ("Job config SHA-256", _hash(provenance.job_config_sha256)
@@ -201,9 +203,10 @@ def _best_section(report: Report) -> str:
 
 def _local_section(report: Report) -> str:
     statement = (
-        "A local model evaluated at its own site (dashed outline, flag “own site”) was validated on held-out data "
-        "of the same site that trained it. Such a cell is not evidence of generalisation; only the other sites' "
-        "cells show how the model transfers."
+        "A local model evaluated at its own site (dashed outline, flag “own site”) was validated on data of the "
+        "same site that trained it: held-out cases where the site has them, else its training cases (see the "
+        "notes). Such a cell is not evidence of generalisation; only the other sites' cells show how the model "
+        "transfers."
     )
     parts = ["<h2>Local models and generalisation</h2>", f'<p class="callout warning">{statement}</p>']
     local = [model for model in report.models if model.kind == LOCAL]

@@ -20,7 +20,7 @@ from fedimaging_app.seg_data import (
     validation_transform,
 )
 from fedimaging_app.site_data import PreparedData
-from fedimaging_app.stats import mean_with_interval
+from fedimaging_app.stats import mean_with_interval, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,11 @@ class SegmentationEngine:
         metrics = {}
         seed = self.job.seed
         for index, name in enumerate(self.job.classes):
-            reason = ("not annotated at this site (an optional class its labels lack)"
-                      if self.plans[index].source is None else "no validation case carries this class")
-            metrics[f"dice_{name}"] = mean_with_interval(values[:, index], patients, self.job.bootstrap_samples, seed,
-                                                         reason)
+            if self.plans[index].source is None:
+                metrics[f"dice_{name}"] = summarize(None, 0, None, "not annotated at this site (an optional class "
+                                                    "its labels lack)", not_applicable=True)
+                continue
+            metrics[f"dice_{name}"] = mean_with_interval(values[:, index], patients, self.job.bootstrap_samples, seed)
         with np.errstate(invalid="ignore"):
             case_means = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=1) if values.size else values
         metrics[self.primary_metric] = mean_with_interval(case_means, patients, self.job.bootstrap_samples, seed)

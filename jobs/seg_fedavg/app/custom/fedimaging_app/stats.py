@@ -14,7 +14,7 @@ MIN_CASES_FOR_INTERVAL = 5
 
 
 def summarize(value: float | None, n_cases: int, interval: tuple[float, float] | None,
-              reason: str | None = None) -> dict:
+              reason: str | None = None, not_applicable: bool = False) -> dict:
     """One metric as sites send it; ``reason`` says why ``value`` is missing, when it is."""
     small = n_cases < MIN_CASES_FOR_INTERVAL
     missing = value is None or not np.isfinite(value)
@@ -26,6 +26,9 @@ def summarize(value: float | None, n_cases: int, interval: tuple[float, float] |
     }
     if missing:
         summary["reason"] = reason or "the metric is undefined on these cases"
+    if not_applicable:
+        # The metric does not apply at this site (for example a class it does not annotate), which is not a failure.
+        summary["not_applicable"] = True
     return summary
 
 
