@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,18 @@ from pathlib import Path
 from fedimaging import __version__
 
 logger = logging.getLogger("fedimaging")
+
+
+def _key_file(option: Path | None) -> Path:
+    from preprocessing.pseudonym import default_key_file
+
+    return (option or default_key_file()).expanduser()
+
+
+def _announce_new_key(key_file: Path, existed: bool) -> None:
+    if not existed and key_file.exists():
+        print(f"created the site's pseudonym key {key_file}; back it up and keep it at the site: "
+              "without it, later runs give every case and patient a new ID")
 
 
 def _add_prepare_dicom(subparsers) -> None:
@@ -51,11 +64,14 @@ def _run_prepare_dicom(args) -> int:
         include_derived=args.include_derived, split_orientations=args.split_orientations,
         show_progress=sys.stderr.isatty() and not args.no_progress,
     )
+    key_file = _key_file(args.key_file)
+    key_existed = key_file.exists()
     try:
         manifest = prepare_dicom(options)
     except (InputError, KeyFileError) as exc:
         print(f"fedimaging prepare dicom: error: {exc}", file=sys.stderr)
         return 2
+    _announce_new_key(key_file, key_existed)
     print(summary_line(manifest))
     print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
     if not manifest["cases"]:
@@ -110,11 +126,14 @@ def _run_prepare_wsi(args) -> int:
         val_fraction=args.val_fraction, workers=args.workers, export_tiles=args.export_tiles,
         show_progress=sys.stderr.isatty() and not args.no_progress,
     )
+    key_file = _key_file(args.key_file)
+    key_existed = key_file.exists()
     try:
         manifest = prepare_wsi(options)
     except (InputError, KeyFileError) as exc:
         print(f"fedimaging prepare wsi: error: {exc}", file=sys.stderr)
         return 2
+    _announce_new_key(key_file, key_existed)
     print(summary_line(manifest))
     print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
     if manifest["summary"]["tiles"] == 0:
@@ -166,11 +185,22 @@ def _run_simulate(args) -> int:
     if args.rounds is not None and args.rounds < 1:
         print(f"fedimaging simulate: error: --rounds {args.rounds}: must be at least 1", file=sys.stderr)
         return 2
+    log_name = None if args.verbose else "simulator.log"
+    if log_name:
+        print(f"running the NVFlare simulator; its output goes to {args.workspace / log_name} "
+              "(pass -v before 'simulate' to see it here)", flush=True)
     try:
-        result = simulate(args.job, args.sites, args.workspace, rounds=args.rounds, threads=args.threads)
+        result = simulate(args.job, args.sites, args.workspace, rounds=args.rounds, threads=args.threads,
+                          log_name=log_name)
     except SimulationError as exc:
         print(f"fedimaging simulate: error: {exc}", file=sys.stderr)
         return 1
+    summary_path = result.server_dir / "metrics" / "metrics_summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        for entry in summary.get("final_aggregated_metrics") or []:
+            print(f"final round {summary.get('final_round')}: {entry['name']} of the global model at the sites "
+                  f"(before their local training, case-weighted) {entry['value']:.4f}")
     print(f"job completed; global model: {result.global_model}")
     print(f"cross-site results: {result.cross_site_results}")
     print(f"next: fedimaging report {result.workspace} --out <report folder>")

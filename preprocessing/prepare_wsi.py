@@ -316,7 +316,9 @@ def prepare_wsi(options: WsiOptions) -> dict:
         "summary": {
             "slides": len(report["slides"]),
             "tiles": sum(len(items) for items in items_by_group.values()),
-            "tiles_by_class": {str(k): v for k, v in sorted(tile_counts.items(), key=lambda kv: str(kv[0]))},
+            # Tiles without a class (no --labels or --annotations) are counted as "unlabelled".
+            "tiles_by_class": {("unlabelled" if k is None else str(k)): v
+                               for k, v in sorted(tile_counts.items(), key=lambda kv: str(kv[0]))},
             "rejected_by_reason": dict(Counter(e["reason"] for e in report["rejected"])),
             "skipped_by_reason": dict(Counter(e["reason"] for e in report["skipped"])),
         },
@@ -334,7 +336,8 @@ def prepare_wsi(options: WsiOptions) -> dict:
 def summary_line(manifest: dict) -> str:
     summary = manifest["summary"]
     by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(summary["rejected_by_reason"].items())) or "none"
+    skipped = ", ".join(f"{r}: {n}" for r, n in sorted(summary["skipped_by_reason"].items())) or "none"
     return (f"prepared {summary['slides']} slide(s), {summary['tiles']} tile(s) "
             f"({', '.join(f'{k}: {v}' for k, v in summary['tiles_by_class'].items()) or 'none'}); "
             f"rejected {sum(summary['rejected_by_reason'].values())} ({by_reason}); "
-            f"skipped {sum(summary['skipped_by_reason'].values())}")
+            f"skipped {sum(summary['skipped_by_reason'].values())} ({skipped})")

@@ -153,7 +153,8 @@ def _prepare(job: SlideJob) -> SlideResult:
                 tile["tile_image"] = tile_path.name
         counts: dict[str, int] = {}
         for tile in tiles:
-            counts[str(tile["class_name"])] = counts.get(str(tile["class_name"]), 0) + 1
+            name = "unlabelled" if tile["class_name"] is None else str(tile["class_name"])
+            counts[name] = counts.get(name, 0) + 1
         info = {
             "mpp_level0": [resolution.mpp_x, resolution.mpp_y],
             "mpp_source": resolution.source,
