@@ -20,7 +20,7 @@ NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use: not validated f
 
 
 class BundleError(RuntimeError):
-    """The run holds no exportable model; the message says what is missing."""
+    """The run contains no exportable model; the message names what is missing."""
 
 
 def _find_one(root: Path, pattern: str) -> Path:

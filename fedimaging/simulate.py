@@ -21,12 +21,12 @@ RUN_FILE_NAME = "fedimaging_run.json"
 
 
 class SimulationError(RuntimeError):
-    """The simulation could not start or did not complete; the message says where to look."""
+    """The simulation could not start or did not complete; the message names the logs to read."""
 
 
 @dataclass
 class SimulationResult:
-    """Where the simulator left its results."""
+    """Locations of the simulator's results."""
 
     workspace: Path
     server_dir: Path

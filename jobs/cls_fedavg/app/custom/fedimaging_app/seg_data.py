@@ -20,7 +20,7 @@ from fedimaging_app.site_data import PreparedData, unit_id
 
 @dataclass
 class ClassPlan:
-    """How one job class is read at this site, or None when the site lacks it."""
+    """Reading plan of one job class at this site; ``source`` is None when the site lacks the class."""
 
     index: int
     name: str

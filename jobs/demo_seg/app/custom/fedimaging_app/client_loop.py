@@ -81,7 +81,7 @@ def clip_model_update(model: torch.nn.Module, global_params: dict, max_norm: flo
 
 
 def metrics_message(engine, result: dict, job: JobConfig, provenance: dict) -> dict:
-    """The summary a site sends for one model: the fedimaging metrics contract, never per-case values."""
+    """Build the summary a site sends for one model: the fedimaging metrics contract, never per-case values."""
     return {
         "fedimaging_metrics": 1,
         "task": job.task,
@@ -182,5 +182,5 @@ def run(engine_factory, custom_dir: Path) -> None:
 
 
 def custom_folder() -> Path:
-    """The job's custom folder, where the client script and the job configuration are."""
+    """Return the job's custom folder, which contains the client script and the job configuration."""
     return Path(os.path.dirname(os.path.abspath(__file__))).parent

@@ -114,7 +114,7 @@ class JobConfig(BaseModel):
 
 
 class ClassSource(BaseModel):
-    """Where a job class comes from in a site's prepared data (exactly one field set)."""
+    """Source of one job class in a site's prepared data (exactly one field set)."""
 
     model_config = ConfigDict(extra="forbid")
 

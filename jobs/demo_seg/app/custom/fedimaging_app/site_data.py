@@ -53,5 +53,5 @@ def load_prepared(data_dir: Path) -> PreparedData:
 
 
 def unit_id(item: dict) -> str:
-    """The case, slide or tile an item belongs to (the unit patients are made of)."""
+    """Return the case, slide or tile an item belongs to (the unit that patients are made of)."""
     return item.get("case_id") or item.get("slide_id") or item.get("tile_id") or item["image"]

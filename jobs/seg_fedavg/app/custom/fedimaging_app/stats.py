@@ -15,7 +15,7 @@ MIN_CASES_FOR_INTERVAL = 5
 
 def summarize(value: float | None, n_cases: int, interval: tuple[float, float] | None,
               reason: str | None = None, not_applicable: bool = False) -> dict:
-    """One metric as sites send it; ``reason`` says why ``value`` is missing, when it is."""
+    """Build one metric as sites send it; ``reason`` explains a missing ``value``."""
     small = n_cases < MIN_CASES_FOR_INTERVAL
     missing = value is None or not np.isfinite(value)
     summary = {
