@@ -82,11 +82,18 @@ def decode_frames(dicom_file: DicomFile) -> np.ndarray:
 
 
 def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo) -> tuple[np.ndarray, bool]:
-    """Convert one greyscale frame of stored values to physical values (float64).
+    """Convert one greyscale frame of stored values to physical values.
 
+    Integer stored values with slope 1 and an integer intercept (most CT) stay integers (int32 or int64), which
+    is exact and avoids float64 copies of the volume; everything else is computed in float64.
     Returns the array and whether it was inverted from MONOCHROME1.
     """
-    values = stored.astype(np.float64)
+    slope = 1.0 if frame.rescale_slope is None else frame.rescale_slope
+    intercept = 0.0 if frame.rescale_intercept is None else frame.rescale_intercept
+    exact = np.issubdtype(stored.dtype, np.integer) and slope == 1.0 and float(intercept).is_integer()
+    # 8- and 16-bit stored values plus an intercept fit int32, half the memory of int64 and float64.
+    integer_type = np.int32 if stored.dtype.itemsize <= 2 else np.int64
+    values = stored.astype(integer_type if exact else np.float64)
     inverted = dicom_file.photometric == "MONOCHROME1"
     if inverted:
         if dicom_file.modality_lut_bits is not None:
@@ -96,16 +103,18 @@ def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo)
         else:
             low, high = 0, (1 << dicom_file.bits_stored) - 1
         values = (low + high) - values
-    slope = 1.0 if frame.rescale_slope is None else frame.rescale_slope
-    intercept = 0.0 if frame.rescale_intercept is None else frame.rescale_intercept
-    if slope != 1.0 or intercept != 0.0:
+    if exact:
+        if intercept != 0.0:
+            values += int(intercept)
+    elif slope != 1.0 or intercept != 0.0:
         values = values * slope + intercept
     return values, inverted
 
 
 def compact_dtype(values: np.ndarray) -> np.dtype:
     """Smallest lossless output type: int16/uint16/int32 for integer values, float32 otherwise."""
-    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+    if not np.issubdtype(values.dtype, np.integer) and (
+            not np.all(np.isfinite(values)) or not np.all(values == np.round(values))):
         return np.dtype(np.float32)
     low, high = float(values.min()), float(values.max())
     for dtype in (np.int16, np.uint16, np.int32):
