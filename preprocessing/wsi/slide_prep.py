@@ -149,7 +149,8 @@ def _prepare(job: SlideJob) -> SlideResult:
             for tile in tiles:
                 pixels = read_tile(slide, (tile["x0"], tile["y0"]), tile["level"], (tile["width"], tile["height"]), tile["tile_size"])
                 tile_path = job.export_dir / f"{tile['x0']}_{tile['y0']}.png"
-                Image.fromarray(pixels).save(tile_path)
+                # Level 1 compresses about three times faster than the default, for files about a third larger.
+                Image.fromarray(pixels).save(tile_path, compress_level=1)
                 tile["tile_image"] = tile_path.name
         counts: dict[str, int] = {}
         for tile in tiles:

@@ -17,23 +17,21 @@ from torch.utils.data import Dataset
 WHITE = (255, 255, 255)
 
 
-def composite_on_white(region: Image.Image) -> np.ndarray:
-    """Turn OpenSlide's RGBA region (transparent outside the slide) into RGB on white."""
-    rgba = np.asarray(region)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    if np.all(alpha == 255):
-        return np.ascontiguousarray(rgba[..., :3])
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
-    return rgb.astype(np.uint8)
-
-
 def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int, int], tile_size: int) -> np.ndarray:
-    """Return the tile as (rows, columns, 3) uint8, resized to ``tile_size`` when ``read_size`` differs."""
+    """Return the tile as (rows, columns, 3) uint8, resized to ``tile_size`` when ``read_size`` differs.
+
+    Compositing and resizing stay in Pillow: converting the RGBA region to numpy first costs more than
+    reading it. ``reducing_gap=2`` lets Pillow shrink by whole factors before the bilinear filter.
+    """
     region = slide.read_region((int(location[0]), int(location[1])), int(level), (int(read_size[0]), int(read_size[1])))
-    rgb = composite_on_white(region)
-    if rgb.shape[1] != tile_size or rgb.shape[0] != tile_size:
-        rgb = np.asarray(Image.fromarray(rgb).resize((tile_size, tile_size), Image.Resampling.BILINEAR))
-    return rgb
+    alpha_low, _ = region.getextrema()[3]
+    if alpha_low == 255:
+        image = region.convert("RGB")
+    else:  # outside the slide OpenSlide returns transparent pixels: lay them on white
+        image = Image.alpha_composite(Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
+    if image.size != (tile_size, tile_size):
+        image = image.resize((tile_size, tile_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(image)
 
 
 class WsiTileDataset(Dataset):
