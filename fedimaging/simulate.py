@@ -54,16 +54,21 @@ def _load_sites(site_files: list[Path]) -> dict[str, Path]:
 
 
 def _set_rounds(job_dir: Path, rounds: int) -> None:
+    """Set the number of FedAvg rounds in a copy of the job.
+
+    NVFlare's exporter omits ``num_rounds`` when it equals FedAvg's default (5), so the FedAvg
+    workflow gets the argument even when the job folder does not show it.
+    """
     config_path = job_dir / "app" / "config" / "config_fed_server.json"
     config = json.loads(config_path.read_text())
     changed = False
     for workflow in config.get("workflows", []):
-        args = workflow.get("args", {})
-        if "num_rounds" in args:
+        args = workflow.setdefault("args", {})
+        if "num_rounds" in args or workflow.get("path", "").endswith(".FedAvg"):
             args["num_rounds"] = rounds
             changed = True
     if not changed:
-        raise SimulationError(f"{config_path}: no workflow with num_rounds, so --rounds cannot be applied")
+        raise SimulationError(f"{config_path}: no FedAvg workflow, so --rounds cannot be applied")
     config_path.write_text(json.dumps(config, indent=4))
 
 

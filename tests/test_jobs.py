@@ -49,3 +49,15 @@ def test_job_has_no_site_paths(name):
     assert any("CrossSiteModelEval" in path for path in workflows)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["deploy_map"] == {"app": ["@ALL"]}
+
+
+def test_rounds_set_when_exporter_omits_default(tmp_path):
+    from fedimaging.simulate import _set_rounds
+
+    job = export_job("cls_fedavg", tmp_path, num_rounds=5)
+    config_path = job / "app" / "config" / "config_fed_server.json"
+    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["path"].endswith(".FedAvg")]
+    assert "num_rounds" not in fedavg["args"]  # NVFlare leaves out its own default
+    _set_rounds(job, 7)
+    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["path"].endswith(".FedAvg")]
+    assert fedavg["args"]["num_rounds"] == 7
