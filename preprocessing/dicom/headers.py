@@ -79,6 +79,9 @@ class DicomFile:
     is_enhanced: bool = False
     # Bits per entry of the Modality LUT Sequence, when the file maps stored values through one.
     modality_lut_bits: int | None = None
+    # The parsed header with its pixel data deferred, reused by the decoder so each file is parsed once.
+    # NOTE: kept until the file is decoded, a few kilobytes per file; gzipped files are re-read instead.
+    header_dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_localizer(self) -> bool:
@@ -468,6 +471,7 @@ def read_header(path: Path, rel_path: str) -> DicomFile:
             frames=frames,
             referenced_series_uids=_referenced_series(ds),
             is_enhanced=is_enhanced,
+            header_dataset=None if is_gzip else ds,
             modality_lut_bits=_modality_lut_bits(ds),
         )
     except (AttributeError, TypeError, ValueError) as exc:

@@ -57,7 +57,10 @@ def decode_frames(dicom_file: DicomFile) -> np.ndarray:
     Greyscale values are Modality LUT output instead when the file has a Modality LUT Sequence,
     and palette colour images are 8-bit RGB. Arrays are in native byte order.
     """
-    dataset, _ = read_dataset(dicom_file.path, headers_only=False)
+    dataset = dicom_file.header_dataset
+    dicom_file.header_dataset = None  # decoded once; release the header
+    if dataset is None:
+        dataset, _ = read_dataset(dicom_file.path, headers_only=False)
     if "TransferSyntaxUID" not in dataset.file_meta:
         # The file meta is missing or lacks the element, and pydicom needs the encoding to decode pixels.
         dataset.file_meta.TransferSyntaxUID = dicom_file.transfer_syntax
