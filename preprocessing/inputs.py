@@ -26,7 +26,7 @@ class InputError(ValueError):
 
 @dataclass
 class LabelSource:
-    """Where an image's labels come from: one label map file, or a folder of per-structure masks."""
+    """Source of an image's labels: one label map file, or a folder of per-structure masks."""
 
     path: Path
     is_mask_folder: bool = False
@@ -42,8 +42,24 @@ class LabelInputs:
     single: LabelSource | None = None
 
 
+def check_source_and_out(source: Path, out: Path, val_fraction: float, manifest_name: str = "manifest.json") -> None:
+    """Raise ``InputError`` unless SOURCE exists, OUT is outside it and reusable, and the fraction is valid.
+
+    OUT may be new, empty, or a previous output (it contains ``manifest_name``).
+    """
+    source_path, out_path = source.resolve(), out.resolve()
+    if not source_path.exists():
+        raise InputError(f"SOURCE {source} not found")
+    if source_path.is_dir() and (out_path == source_path or source_path in out_path.parents):
+        raise InputError(f"--out {out} is inside SOURCE; SOURCE is never written to, choose a folder outside it")
+    if out_path.exists() and any(out_path.iterdir()) and not (out_path / manifest_name).exists():
+        raise InputError(f"--out {out} is not empty and contains no {manifest_name}; choose an empty or new folder")
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
+
+
 def walk_files(root: Path) -> list[Path]:
-    """All regular files under ``root`` (or ``root`` itself), sorted, hidden files skipped."""
+    """Return the regular files under ``root`` (or ``root`` itself), sorted, without hidden files."""
     if root.is_file():
         return [root]
     files = []
@@ -114,7 +130,7 @@ def collect_labels(labels: Path | None) -> LabelInputs:
         else:
             inputs.seg_paths.append(child)
     if not inputs.by_key and not inputs.seg_paths:
-        raise InputError(f"--labels {labels}: folder holds no label files (NIfTI, NRRD, MHA or DICOM SEG)")
+        raise InputError(f"--labels {labels}: folder contains no label files (NIfTI, NRRD, MHA or DICOM SEG)")
     # A folder whose files match no image by name is read as per-structure masks of a single image.
     inputs.single = LabelSource(labels, is_mask_folder=True)
     return inputs

@@ -25,7 +25,7 @@ from preprocessing.dicom.headers import SEG_STORAGE, DicomFile, read_header
 from preprocessing.dicom.seg import seg_onto_grid
 from preprocessing.dicom.volume import BuiltImage, build_image2d, build_volume
 from preprocessing.inputs import (
-    InputError,
+    check_source_and_out,
     LabelInputs,
     LabelSource,
     collect_labels,
@@ -82,7 +82,7 @@ class Candidate:
 
 @dataclass
 class Report:
-    """What happened to every input; becomes ``manifest.json``."""
+    """Outcome of every input, written as ``manifest.json``."""
 
     cases: list[dict] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
@@ -103,18 +103,6 @@ def _relative(path: Path, base: Path) -> str:
         return PurePosixPath(path.resolve().relative_to(base.resolve())).as_posix()
     except ValueError:
         return path.name
-
-
-def _check_arguments(options: PrepareOptions) -> None:
-    source, out = options.source.resolve(), options.out.resolve()
-    if not source.exists():
-        raise InputError(f"SOURCE {options.source} not found")
-    if source.is_dir() and (out == source or source in out.parents):
-        raise InputError(f"--out {options.out} is inside SOURCE; SOURCE is never written to, choose a folder outside it")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise InputError(f"--out {options.out} is not empty and holds no {MANIFEST_NAME}; choose an empty or new folder")
-    if not 0.0 <= options.val_fraction < 1.0:
-        raise InputError(f"--val-fraction {options.val_fraction}: must be at least 0 and below 1")
 
 
 def _source_roots(options: PrepareOptions, labels: LabelInputs) -> tuple[list[Path], Path]:
@@ -156,7 +144,7 @@ def _group_key(group: SeriesGroup, base_name: str) -> str:
 
 
 def _group_folder(group: SeriesGroup) -> str:
-    """The group's place in SOURCE: its file when it has one, else its folder(s)."""
+    """Return the group's place in SOURCE: its file when it has one, else its folder(s)."""
     if len(group.files) == 1:
         return group.first.rel_path
     folders = sorted({str(PurePosixPath(f.rel_path).parent) for f in group.files})
@@ -350,7 +338,7 @@ def prepare_dicom(options: PrepareOptions) -> dict:
 
     Raises ``InputError`` for wrong arguments; every per-file problem goes into the manifest.
     """
-    _check_arguments(options)
+    check_source_and_out(options.source, options.out, options.val_fraction, MANIFEST_NAME)
     from preprocessing.pseudonym import default_key_file
 
     key = load_or_create_key(options.key_file or default_key_file(), options.out)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preprocessing import __version__
-from preprocessing.inputs import InputError, walk_files
+from preprocessing.inputs import InputError, check_source_and_out, walk_files
 from preprocessing.output import DATALIST_NAME, MANIFEST_NAME, split_by_patient, write_json
 from preprocessing.progress import progress_iter
 from preprocessing.pseudonym import Pseudonymizer, default_key_file, load_or_create_key
@@ -58,13 +58,7 @@ class WsiOptions:
 
 
 def _check(options: WsiOptions) -> None:
-    source, out = options.source.resolve(), options.out.resolve()
-    if not source.exists():
-        raise InputError(f"SOURCE {options.source} not found")
-    if source.is_dir() and (out == source or source in out.parents):
-        raise InputError(f"--out {options.out} is inside SOURCE; SOURCE is never written to, choose a folder outside it")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise InputError(f"--out {options.out} is not empty and holds no {MANIFEST_NAME}; choose an empty or new folder")
+    check_source_and_out(options.source, options.out, options.val_fraction, MANIFEST_NAME)
     if not options.mpp > 0:
         raise InputError(f"--mpp {options.mpp}: must be a positive resolution in µm per pixel")
     if options.assume_mpp is not None and not options.assume_mpp > 0:
@@ -75,8 +69,6 @@ def _check(options: WsiOptions) -> None:
         raise InputError(f"--tissue-threshold {options.tissue_threshold}: must be between 0 and 1")
     if options.workers < 1:
         raise InputError(f"--workers {options.workers}: must be at least 1")
-    if not 0.0 <= options.val_fraction < 1.0:
-        raise InputError(f"--val-fraction {options.val_fraction}: must be at least 0 and below 1")
     if options.annotations is not None and not options.annotations.is_dir():
         raise InputError(f"--annotations {options.annotations}: not a folder of GeoJSON files")
     if options.labels is not None and options.annotations is not None:
@@ -84,7 +76,7 @@ def _check(options: WsiOptions) -> None:
 
 
 def _slide_identity(path: Path) -> str:
-    """A content identity: OpenSlide's quickhash plus all properties, else a SHA-256 of the file.
+    """Return a content identity: OpenSlide's quickhash plus all properties, else a SHA-256 of the file.
 
     The quickhash covers pixel data only, so two files that differ only in metadata such as the
     resolution would otherwise share an identity.
@@ -111,7 +103,7 @@ SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svsli
 
 
 def _is_detected_slide(path: Path) -> bool:
-    """Whether OpenSlide recognises the file, or its suffix belongs only to slide formats."""
+    """Return whether OpenSlide recognises the file, or its suffix belongs only to slide formats."""
     import openslide
 
     if path.suffix.lower() in SLIDE_ONLY_SUFFIXES:

@@ -14,7 +14,6 @@ import pytest
 
 from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
 from preprocessing.wsi.dataset import WsiTileDataset
-from preprocessing.wsi.tile_reader import read_tile
 from tests.conftest import CASES, DATA, require
 
 SLIDES = DATA / "pathology" / "slides"
@@ -62,7 +61,8 @@ def independent_tissue_fraction(slide, tile):
 def test_cmu_tiles_on_tissue_only(prepare_slides):
     manifest, datalist, out = prepare_slides(require(CMU), mpp=0.5, tile_size=224)
     (slide,) = manifest["slides"]
-    assert slide["level"] == 0 and slide["mpp_source"].startswith("openslide.mpp")
+    assert slide["level"] == 0
+    assert slide["mpp_source"].startswith("openslide.mpp")
     assert slide["tissue_mode"] == "brightfield"
     items = datalist["training"] + datalist["validation"]
     assert 0 < len(items) < slide["tiles_total"]
@@ -122,7 +122,8 @@ def test_ndpi_read_from_right_level(tmp_path, prepare_slides):
     items = datalist["training"] + datalist["validation"]
     assert items and all(item["size"] == [round(224 * 0.5 / slide["level_mpp"][0])] * 2 for item in items)
     text = (out / "datalist.json").read_text()
-    assert "DAPI" not in text and "387" not in text
+    assert "DAPI" not in text
+    assert "387" not in text
 
     pixels = WsiTileDataset(items, out)[0]["image"]
     assert pixels.shape == (3, 224, 224)
@@ -141,7 +142,8 @@ def test_pyramid_case_values(prepare_slides):
 
     (rejected,) = manifest["rejected"]
     assert rejected["path"] == "slide_no_mpp.tif"
-    assert "ResolutionUnit NONE" in rejected["message"] and "--assume-mpp" in rejected["message"]
+    assert "ResolutionUnit NONE" in rejected["message"]
+    assert "--assume-mpp" in rejected["message"]
 
     items = {tuple(item["location"]): item for item in datalist["training"] + datalist["validation"]}
     dataset = WsiTileDataset(list(items.values()), out)
@@ -153,7 +155,8 @@ def test_pyramid_case_values(prepare_slides):
         assert pixels.shape == (128, 128, 3)
         # Padding beyond the slide border is white.
         valid_w, valid_h = expected["valid_w"], expected["valid_h"]
-        assert np.all(pixels[:, valid_w:] == 255) and np.all(pixels[valid_h:, :] == 255)
+        assert np.all(pixels[:, valid_w:] == 255)
+        assert np.all(pixels[valid_h:, :] == 255)
         # The case's own tissue rule, applied to what the loader returns.
         fraction = float((pixels.min(axis=-1) < 220).mean())
         assert fraction == pytest.approx(expected["tissue_fraction_of_full_tile"], abs=6e-4)
@@ -163,7 +166,8 @@ def test_kather_tiles_become_datalist(prepare_slides):
     manifest, datalist, out = prepare_slides(require(KATHER), assume_mpp=0.495)
     assert manifest["mode"] == "tiles"
     assert len(datalist["classes"]) == 8
-    assert "TUMOR" in datalist["classes"] and "STROMA" in datalist["classes"]
+    assert "TUMOR" in datalist["classes"]
+    assert "STROMA" in datalist["classes"]
     items = datalist["training"] + datalist["validation"]
     assert len(items) == 24
     assert sorted({item["label"] for item in items}) == list(range(8))
@@ -192,7 +196,8 @@ def test_geojson_annotation_labels_tiles(tmp_path, prepare_slides):
     for item in items:
         step = 224
         centre = (item["location"][0] + step / 2, item["location"][1] + step / 2)
-        assert 400 <= centre[0] <= 1500 and 600 <= centre[1] <= 1800
+        assert 400 <= centre[0] <= 1500
+        assert 600 <= centre[1] <= 1800
     all_tiles = unlabelled_list["training"] + unlabelled_list["validation"]
     assert len(items) < len(all_tiles)
 
@@ -234,7 +239,8 @@ def test_cli_wsi_exit_codes(tmp_path):
     bad = run(str(SLIDES / "broken.svs"), "--out", str(tmp_path / "b"), "--key-file", str(tmp_path / "k"))
     assert bad.returncode == 1
     wrong = run(str(CMU), "--out", str(tmp_path / "c"), "--mpp", "-1", "--key-file", str(tmp_path / "k"))
-    assert wrong.returncode == 2 and "--mpp -1" in wrong.stderr
+    assert wrong.returncode == 2
+    assert "--mpp -1" in wrong.stderr
 
 
 def test_slide_labels_csv_and_patient_split(tmp_path, prepare_slides):

@@ -20,7 +20,7 @@ SEG_JOB, CLS_JOB = "demo_seg", "cls_fedavg"
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the generated federation is and how long the jobs train."""
+    """Size of the generated federation and length of the jobs' training."""
 
     cases_per_site: int
     slides_per_site: int
@@ -52,7 +52,7 @@ def _step(name: str, started: float) -> None:
 
 
 def _jobs_folder(workspace: Path) -> Path:
-    """The demo's job folders: the committed ones when present, else built from the specs."""
+    """Return the demo's job folders: the committed ones when present, else built from the specs."""
     committed = REPO / "jobs"
     if (committed / SEG_JOB / "meta.json").is_file() and (committed / CLS_JOB / "meta.json").is_file():
         return committed
@@ -78,7 +78,7 @@ def run_demo(workspace: Path, n_sites: int = 3, fast: bool = False, seed: int = 
     if workspace.exists() and any(workspace.iterdir()):
         raise DemoError(f"--workspace {workspace} is not empty; choose a new folder")
     started = time.monotonic()
-    keys = workspace / "site_keys"  # stands in for each hospital's own key location
+    keys = workspace / "site_keys"  # in place of each hospital's own key location
     seg_sites, cls_sites = [], []
     for index in range(n_sites):
         site = f"site-{index + 1}"
