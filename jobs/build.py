@@ -80,6 +80,24 @@ def _global_models_only(job_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
+def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
+    """Replace the FedAvg controller with fedimaging's secure-aggregation controller (same persistor)."""
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    for workflow in config["workflows"]:
+        if workflow["path"].endswith(".FedAvg"):
+            args = {k: v for k, v in workflow.get("args", {}).items() if k not in ("aggregator", "aggregation_weights")}
+            args.update(num_rounds=num_rounds, num_clients=min_clients, min_clients=job.aggregation.min_valid_replies,
+                        train_timeout=job.secure_aggregation.train_timeout_s,
+                        phase_timeout=job.secure_aggregation.phase_timeout_s)
+            workflow["path"] = "fedimaging_app.secure_workflow.SecureFedAvg"
+            workflow["args"] = args
+            break
+    else:
+        raise RuntimeError(f"{path}: no FedAvg workflow to replace")
+    path.write_text(json.dumps(config, indent=4) + "\n")
+
+
 def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 3,
                spec: dict | None = None) -> Path:
     """Export job ``name`` (spec ``jobs/specs/<name>.json``) as a job folder under ``destination``.
@@ -100,9 +118,15 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
-        if spec.get("differential_privacy"):
-            # Local models are not differentially private: with DP, only global models are cross-validated.
+        sys.path.insert(0, str(APP_CUSTOM))
+        from fedimaging_app.config import JobConfig
+
+        job = JobConfig.model_validate(spec)
+        if not job.evaluates_local_models:
+            # A local model is neither masked nor differentially private: cross-validate global models only.
             _global_models_only(target)
+        if job.secure_aggregation is not None:
+            _use_secure_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
     finally:
         config_copy.unlink(missing_ok=True)
     return destination / name

@@ -59,6 +59,17 @@ class PrivacySpec(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
+class SecureAggregationSpec(BaseModel):
+    """Pairwise-masking secure aggregation (``fedimaging_app.secagg``): the server sees only masked updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A site that has not sent its masked update by then counts as dropped; its masks are recovered.
+    train_timeout_s: int = Field(3600, ge=1)
+    # Limit for the key exchange, share relay and unmask tasks.
+    phase_timeout_s: int = Field(300, ge=1)
+
+
 class JobConfig(BaseModel):
     """Everything about training that is the same at every site."""
 
@@ -78,6 +89,11 @@ class JobConfig(BaseModel):
     bootstrap_samples: int = Field(1000, ge=100)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     differential_privacy: PrivacySpec | None = None
+    secure_aggregation: SecureAggregationSpec | None = None
+    # Models scored by cross-site evaluation: "global_and_local" also sends each site's local model to
+    # the others; "global" scores the global models only. Default: global_and_local, or global when
+    # masking or differential privacy is on (a local model is neither masked nor private).
+    cross_site_models: Literal["global_and_local", "global"] | None = None
     # Segmentation only.
     patch_size: list[int] = Field(default_factory=lambda: [64, 64, 32])
     spacing_mm: list[float] | None = None
@@ -106,7 +122,24 @@ class JobConfig(BaseModel):
         if self.differential_privacy is not None and self.aggregation.method != "weighted_mean":
             raise ValueError("differential_privacy is calibrated for FedAvg (aggregation.method weighted_mean); "
                              "median and trimmed mean change its sensitivity")
+        if self.secure_aggregation is not None and self.aggregation.method != "weighted_mean":
+            raise ValueError(f"aggregation.method {self.aggregation.method} cannot be combined with "
+                             "secure_aggregation: the server only ever sees the masked sum, so it cannot take a "
+                             "coordinate-wise median or trimmed mean; use weighted_mean")
+        protected = [name for name, on in (("secure_aggregation", self.secure_aggregation is not None),
+                                           ("differential_privacy", self.differential_privacy is not None)) if on]
+        if protected and self.cross_site_models == "global_and_local":
+            raise ValueError(f"cross_site_models global_and_local cannot be combined with {' and '.join(protected)}: "
+                             "it would send each site's unprotected local model to the other sites; "
+                             "use global (or leave cross_site_models out)")
         return self
+
+    @property
+    def evaluates_local_models(self) -> bool:
+        """Whether cross-site evaluation asks sites for their local models (NVFlare's submit_model task)."""
+        if self.cross_site_models is not None:
+            return self.cross_site_models == "global_and_local"
+        return self.secure_aggregation is None and self.differential_privacy is None
 
     @property
     def class_names(self) -> list[str]:
@@ -150,6 +183,8 @@ class SiteConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1)
     # With a single case, train and validate on it (a functional test, not evidence of quality).
     validate_on_training_when_no_validation: bool = True
+    # The site's NVFlare startup kit (the folder holding startup/); used by `fedimaging site check`.
+    startup_kit: Path | None = None
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:
@@ -175,6 +210,8 @@ def load_site_config(path: Path) -> SiteConfig:
         raise ConfigError(_format_validation_error(path, exc)) from exc
     if not config.data_dir.is_absolute():
         config.data_dir = (path.parent / config.data_dir).resolve()
+    if config.startup_kit is not None and not config.startup_kit.is_absolute():
+        config.startup_kit = (path.parent / config.startup_kit).resolve()
     return config
 
 

@@ -28,6 +28,7 @@ from fedimaging_app.config import (
 )
 from fedimaging_app.models import build_model
 from fedimaging_app.privacy import epsilon_after, privatize_update
+from fedimaging_app.secagg import SecAggError, SiteRound, flatten_update, model_layout
 from fedimaging_app.site_data import load_prepared
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,17 @@ def run(engine_factory, custom_dir: Path) -> None:
     privacy = None
     # Noise must not be reproducible by others, so it does not come from the job's seed.
     noise_rng = np.random.default_rng()
+    secure = SecureAggregationSite(site_name, engine) if job.secure_aggregation is not None else None
     while flare.is_running():
         incoming = flare.receive()
+        if secure is not None and secure.handles(flare.get_task_name()):
+            flare.send(secure.answer(flare.get_task_name(), incoming))
+            continue
         if flare.is_submit_model():
-            if job.differential_privacy is not None:
-                # A local model is not differentially private; jobs with DP never request it.
-                logger.error("site %s: refused to send its local model because the job uses differential privacy",
-                             site_name)
+            if not job.evaluates_local_models:
+                # A local model is neither masked nor differentially private; such jobs never request it.
+                logger.error("site %s: refused to send its local model: this job evaluates global models only "
+                             "(secure aggregation or differential privacy is on)", site_name)
                 flare.send(flare.FLModel(params={}))
                 continue
             state = local_state if local_state is not None else model.state_dict()
@@ -165,20 +170,101 @@ def run(engine_factory, custom_dir: Path) -> None:
                         site_name, privacy["epsilon"], dp.delta, rounds_done)
         elif job.aggregation.max_update_norm is not None:
             clip_model_update(model, incoming.params, job.aggregation.max_update_norm)
-        local_state = copy.deepcopy(model.state_dict())
+        local_state = copy.deepcopy(model.state_dict()) if job.evaluates_local_models else None
         primary = before["metrics"][engine.primary_metric]["value"]
         if writer is not None:
             writer.add_scalar(f"validation/{engine.primary_metric}_of_global_model", primary or 0.0, round_number)
             writer.flush()
         logger.info("site %s round %d: loss %.4f, %s of the received global model %s", site_name, round_number,
                     loss, engine.primary_metric, primary)
+        metrics = {engine.primary_metric: primary if primary is not None else 0.0}
+        if secure is not None:
+            flare.send(secure.masked_reply(model, incoming, metrics))
+            continue
         flare.send(flare.FLModel(
             params={k: v.cpu() for k, v in model.state_dict().items()},
-            metrics={engine.primary_metric: primary if primary is not None else 0.0},
+            metrics=metrics,
             meta={"NUM_STEPS_CURRENT_ROUND": engine.n_training_cases},
         ))
     if writer is not None:
         writer.close()
+
+
+class SecureAggregationSite:
+    """This site's side of secure aggregation (``fedimaging_app.secagg``): keys, shares, masking, unmasking."""
+
+    TASKS = ("secagg_keys", "secagg_shares", "secagg_unmask")
+
+    def __init__(self, site_name: str, engine):
+        self.site_name = site_name
+        self.engine = engine
+        self.round: SiteRound | None = None
+
+    def handles(self, task_name: str) -> bool:
+        return task_name in self.TASKS
+
+    def _info(self, incoming) -> dict:
+        info = (incoming.meta or {}).get("secagg") if incoming is not None else None
+        if not isinstance(info, dict) or not info.get("context"):
+            raise SecAggError("the task carries no secure-aggregation data; the job's server and client disagree")
+        return info
+
+    def answer(self, task_name: str, incoming):
+        import nvflare.client as flare
+
+        info = self._info(incoming)
+        if task_name == "secagg_keys":
+            self.round = SiteRound(self.site_name, info["context"])
+            reply = {**self.round.advertise(), "n_cases": self.engine.n_training_cases}
+        elif self.round is None or self.round.context != info["context"]:
+            raise SecAggError(f"task {task_name} for '{info['context']}' arrived before this site's key exchange")
+        elif task_name == "secagg_shares":
+            reply = {"shares": self.round.make_shares(info["public_keys"])}
+        else:
+            reply = {"revealed": self.round.reveal(info["survivors"], info["dropped"])}
+            logger.info("site %s: revealed shares to unmask %s (survivors %s, dropped %s)", self.site_name,
+                        info["context"], info["survivors"], info["dropped"])
+            self.round = None
+        return flare.FLModel(params={}, meta={"secagg": reply})
+
+    def masked_reply(self, model: torch.nn.Module, incoming, metrics: dict):
+        """Check this site's update, mask it and build the reply; a failed check sends the reason, no values."""
+        import nvflare.client as flare
+
+        info = self._info(incoming)
+        if self.round is None or self.round.context != info["context"]:
+            raise SecAggError("a training task with secure aggregation arrived before this site's key exchange")
+        try:
+            self.round.receive_shares(info["mailbox"].get(self.site_name, {}), info["participants"])
+            update = flatten_update(model.state_dict(), incoming.params)
+            fraction = self.engine.n_training_cases / float(info["total_weight"])
+            masked = self.round.mask(update, fraction)
+        except SecAggError as error:
+            logger.error("site %s: no update sent this round: %s", self.site_name, error)
+            return flare.FLModel(params={}, meta={"secagg": {"error": str(error)}})
+        logger.info("site %s: masked its update for %s (%d values)", self.site_name, info["context"], masked.size)
+        record = os.environ.get(TEST_RECORD_ENV)
+        if record:  # tests compare what the server received with the true update
+            folder = Path(record) / self.site_name
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(folder / f"{info['context'].rsplit('|', 1)[-1].replace(' ', '_')}.npz", weighted_update=update * fraction,
+                     reference=flatten_update(incoming.params, {k: torch.zeros_like(v) for k, v in incoming.params.items()}),
+                     masked=masked)
+        pause = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
+        if pause > 0:  # fault-injection tests kill the site during this pause
+            import time
+
+            time.sleep(pause)
+        return flare.FLModel(params={"secagg_masked": torch.from_numpy(masked.view(np.int32))}, metrics=metrics,
+                             meta={"secagg": {"layout": model_layout(incoming.params)},
+                                   "NUM_STEPS_CURRENT_ROUND": self.engine.n_training_cases})
+
+
+# Tests only: seconds a site waits between masking its update and sending it, and a folder where it
+# writes its true weighted update next to the masked one. Never set these at a real site: the record
+# holds the unmasked update.
+TEST_PAUSE_ENV = "FEDIMAGING_TEST_PAUSE_AFTER_MASKING_S"
+TEST_RECORD_ENV = "FEDIMAGING_TEST_RECORD_DIR"
 
 
 def custom_folder() -> Path:

@@ -1,0 +1,250 @@
+"""Secure aggregation: the masking protocol on its own, the job configuration rules, and a real simulator run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedimaging_app.config import JobConfig
+from fedimaging_app.secagg import (
+    LIMIT,
+    SecAggError,
+    SiteRound,
+    decode,
+    encode,
+    threshold_for,
+    unmask_sum,
+)
+from jobs.build import REPO, SPECS, export_job
+from tests.conftest import DATA, require
+
+KATHER = DATA / "pathology" / "tiles" / "kather2016"
+RECORDER = Path(__file__).parent / "support" / "secagg_recorder.py"
+TOLERANCE_PER_SITE = 2.0**-21  # fixed-point rounding of one site's value
+
+
+def run_protocol(updates: dict[str, np.ndarray], weights: dict[str, float], dropped=(), context="job|round 0"):
+    """Run all four phases in one process; return (server's sum, expected sum over survivors, masked vectors)."""
+    sites = sorted(updates)
+    rounds = {s: SiteRound(s, context) for s in sites}
+    public = {s: rounds[s].advertise() for s in sites}
+    outgoing = {s: rounds[s].make_shares(public) for s in sites}
+    total = sum(weights.values())
+    masked = {}
+    for s in sites:
+        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s}, sites)
+        vector = rounds[s].mask(updates[s], weights[s] / total)
+        if s not in dropped:
+            masked[s] = vector
+    survivors = [s for s in sites if s not in dropped]
+    revealed = {s: rounds[s].reveal(survivors, list(dropped)) for s in survivors}
+    result = unmask_sum(masked, public, sites, revealed, context)
+    expected = sum(weights[s] / total * updates[s] for s in survivors)
+    return result, expected, masked
+
+
+def updates_for(n_sites: int, size: int = 5000, seed: int = 0) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    names = [f"site-{i}" for i in range(1, n_sites + 1)]
+    return ({s: rng.normal(0, 0.05, size) for s in names}, {s: float(rng.integers(1, 40)) for s in names})
+
+
+def test_masked_sum_equals_weighted_sum_of_updates():
+    updates, weights = updates_for(4)
+    result, expected, _ = run_protocol(updates, weights)
+    assert np.max(np.abs(result - expected)) <= 4 * TOLERANCE_PER_SITE
+
+
+@pytest.mark.parametrize("n_sites,dropped", [(3, ("site-2",)), (5, ("site-1", "site-4")), (8, ("site-8", "site-3", "site-5"))])
+def test_dropped_sites_are_recovered_and_left_out(n_sites, dropped):
+    updates, weights = updates_for(n_sites, seed=n_sites)
+    result, expected, _ = run_protocol(updates, weights, dropped=dropped)
+    assert np.max(np.abs(result - expected)) <= n_sites * TOLERANCE_PER_SITE
+    # The dropped sites' updates are really absent: including them would give another answer.
+    with_all = sum(weights[s] / sum(weights.values()) * updates[s] for s in updates)
+    assert np.max(np.abs(result - with_all)) > 1e-3
+
+
+def test_too_few_survivors_fail_instead_of_giving_a_wrong_sum():
+    updates, weights = updates_for(5)
+    with pytest.raises(SecAggError, match="threshold"):
+        run_protocol(updates, weights, dropped=("site-1", "site-2", "site-3"))
+
+
+def test_masked_vector_is_uncorrelated_with_the_update():
+    updates, weights = updates_for(3, size=200_000)
+    _, _, masked = run_protocol(updates, weights)
+    for site, vector in masked.items():
+        r = np.corrcoef(vector.astype(np.float64), updates[site])[0, 1]
+        assert abs(r) < 0.01, (site, r)
+        # Reading the masked vector as fixed point gives nothing like the update either.
+        assert abs(np.corrcoef(decode(vector), updates[site])[0, 1]) < 0.01
+
+
+def test_fixed_point_round_trip_and_range():
+    values = np.array([-2047.5, -1.0, -1e-6, 0.0, 3e-7, 0.5, 2047.9])
+    assert np.max(np.abs(decode(encode(values, 1.0)) - values)) <= TOLERANCE_PER_SITE
+    site = SiteRound("site-1", "c")
+    site.participants = ["site-1", "site-2", "site-3"]
+    with pytest.raises(SecAggError, match="fixed-point range"):
+        site.mask(np.array([0.0, LIMIT]), 0.5)
+    with pytest.raises(SecAggError, match="NaN or infinite"):
+        site.mask(np.array([0.0, np.nan]), 0.5)
+
+
+def test_site_refuses_to_reveal_both_shares_of_one_site_or_to_reveal_twice():
+    updates, weights = updates_for(3)
+    sites = sorted(updates)
+    rounds = {s: SiteRound(s, "ctx") for s in sites}
+    public = {s: rounds[s].advertise() for s in sites}
+    outgoing = {s: rounds[s].make_shares(public) for s in sites}
+    for s in sites:
+        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s}, sites)
+    with pytest.raises(SecAggError, match="both surviving and dropped"):
+        rounds["site-1"].reveal(["site-1", "site-2", "site-3"], ["site-3"])
+    rounds["site-1"].reveal(["site-1", "site-2"], ["site-3"])
+    with pytest.raises(SecAggError, match="already revealed"):
+        rounds["site-1"].reveal(["site-1", "site-2", "site-3"], [])
+
+
+def test_tampered_or_misaddressed_shares_fail_authentication():
+    sites = ["site-1", "site-2", "site-3"]
+    rounds = {s: SiteRound(s, "ctx") for s in sites}
+    public = {s: rounds[s].advertise() for s in sites}
+    outgoing = {s: rounds[s].make_shares(public) for s in sites}
+    blob = bytearray(bytes.fromhex(outgoing["site-2"]["site-1"]))
+    blob[-1] ^= 1
+    with pytest.raises(SecAggError, match="failed authentication"):
+        rounds["site-1"].receive_shares({"site-2": blob.hex(), "site-3": outgoing["site-3"]["site-1"]}, sites)
+    # A share addressed to site-3 does not open at site-1.
+    with pytest.raises(SecAggError, match="failed authentication"):
+        rounds["site-1"].receive_shares({"site-2": outgoing["site-2"]["site-3"], "site-3": outgoing["site-3"]["site-1"]},
+                                        sites)
+
+
+def test_fewer_than_three_sites_refuse_to_mask():
+    rounds = {s: SiteRound(s, "ctx") for s in ("site-1", "site-2")}
+    public = {s: r.advertise() for s, r in rounds.items()}
+    with pytest.raises(SecAggError, match="at least 3 sites"):
+        rounds["site-1"].make_shares(public)
+
+
+def test_threshold_is_a_majority():
+    assert [threshold_for(n) for n in (3, 4, 5, 8)] == [2, 3, 3, 5]
+
+
+# ------------------------------------------------------------------------------------ job configuration
+def base_spec(**extra) -> dict:
+    spec = json.loads((SPECS / "seg_fedavg.json").read_text())
+    spec.update(extra)
+    return spec
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_robust_aggregation_with_masking_is_refused(method):
+    with pytest.raises(ValueError, match="cannot be combined with secure_aggregation"):
+        JobConfig.model_validate(base_spec(secure_aggregation={}, aggregation={"method": method}))
+
+
+@pytest.mark.parametrize("protection", [{"secure_aggregation": {}},
+                                        {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}}])
+def test_local_model_evaluation_with_masking_or_dp_is_refused(protection):
+    with pytest.raises(ValueError, match="unprotected local model"):
+        JobConfig.model_validate(base_spec(cross_site_models="global_and_local", **protection))
+    assert JobConfig.model_validate(base_spec(**protection)).evaluates_local_models is False
+    assert JobConfig.model_validate(base_spec()).evaluates_local_models is True
+
+
+def test_secure_job_uses_the_secure_workflow_and_global_models_only():
+    config = json.loads((REPO / "jobs" / "seg_secagg" / "app" / "config" / "config_fed_server.json").read_text())
+    paths = {w["path"]: w.get("args", {}) for w in config["workflows"]}
+    assert "fedimaging_app.secure_workflow.SecureFedAvg" in paths
+    assert not any(p.endswith(".FedAvg") for p in paths)
+    cross_site = next(args for p, args in paths.items() if p.endswith("CrossSiteModelEval"))
+    assert cross_site["submit_model_task_name"] == ""
+
+
+# ------------------------------------------------------------------------------------ real simulator run
+def fedimaging(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "fedimaging", *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, check=False, env=env)
+    assert result.returncode == 0, f"fedimaging {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def three_kather_sites(tmp_path: Path) -> list[Path]:
+    """Split the Kather tiles into three sites (one tile of each class per site) and prepare them."""
+    sites = []
+    for index, name in enumerate(["site-a", "site-b", "site-c"]):
+        source = tmp_path / f"kather_{name}"
+        for class_folder in sorted(require(KATHER).iterdir()):
+            if class_folder.is_dir():
+                tile = sorted(class_folder.iterdir())[index]
+                (source / class_folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(tile, source / class_folder.name / tile.name)
+        fedimaging("prepare", "wsi", source, "--out", tmp_path / f"prep_{name}", "--assume-mpp", "0.495",
+                   "--key-file", tmp_path / "keys" / name)
+        site_file = tmp_path / f"{name}.yaml"
+        site_file.write_text(f"site_name: {name}\ndata_dir: {tmp_path / f'prep_{name}'}\nlabel_mapping:\n"
+                             "  tumour: {local_classes: [TUMOR]}\n  other: {all_other_classes: true}\ntorch_threads: 1\n")
+        sites.append(site_file)
+    return sites
+
+
+def secure_classification_job(tmp_path: Path, recorder_dir: Path, rounds: int) -> Path:
+    spec = json.loads((SPECS / "cls_fedavg.json").read_text())
+    spec["secure_aggregation"] = {"train_timeout_s": 600, "phase_timeout_s": 120}
+    job = export_job("cls_secagg", tmp_path / "jobs", num_rounds=rounds, min_clients=3, spec=spec)
+    shutil.copy(RECORDER, job / "app" / "custom" / RECORDER.name)
+    config_path = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    config["components"].append({"id": "secagg_recorder", "path": "secagg_recorder.SecAggRecorder",
+                                 "args": {"folder": str(recorder_dir)}})
+    config_path.write_text(json.dumps(config, indent=2))
+    return job
+
+
+def flat(arrays: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).reshape(-1) for k in sorted(arrays)])
+
+
+@pytest.mark.slow
+def test_simulator_run_server_sees_only_masked_updates_and_gets_fedavg(tmp_path):
+    sites = three_kather_sites(tmp_path)
+    server_record, site_record = tmp_path / "server_record", tmp_path / "site_record"
+    rounds = 2
+    job = secure_classification_job(tmp_path, server_record, rounds)
+    env = {**os.environ, "FEDIMAGING_TEST_RECORD_DIR": str(site_record)}
+    workspace = tmp_path / "ws"
+    fedimaging("simulate", job, "--sites", *sites, "--workspace", workspace, "--rounds", rounds, env=env)
+
+    names = ["site-a", "site-b", "site-c"]
+    for r in range(rounds):
+        records = {s: np.load(site_record / s / f"round_{r}.npz") for s in names}
+        received = {s: np.load(server_record / "received" / f"{s}_{r}.npy") for s in names}
+        for s in names:
+            # The server received exactly the masked vector, 4 bytes per value, and nothing like the update.
+            assert received[s].dtype.itemsize == 4
+            assert np.array_equal(received[s].reshape(-1).view(np.uint32), records[s]["masked"])
+            true_update = records[s]["weighted_update"]
+            assert true_update.size > 1_000_000
+            r_value = np.corrcoef(received[s].reshape(-1).view(np.uint32).astype(np.float64), true_update)[0, 1]
+            assert abs(r_value) < 0.01, (s, r, r_value)
+        # The new global model is plaintext FedAvg of the true updates, within fixed-point rounding.
+        reference = records["site-a"]["reference"]
+        plaintext = reference + sum(records[s]["weighted_update"] for s in names)
+        aggregate = flat(dict(np.load(server_record / f"aggregate_{r}.npz")))
+        assert np.allclose(aggregate, plaintext, rtol=1e-6, atol=3 * TOLERANCE_PER_SITE + 1e-7)
+        assert np.max(np.abs(aggregate - reference)) > 1e-4  # training moved the model
+
+    fedimaging("report", workspace, "--out", tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    models = {c["model"] for c in report["cells"]}
+    assert models and all("global" in m.lower() for m in models), models
