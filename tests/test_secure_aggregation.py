@@ -198,15 +198,19 @@ def three_kather_sites(tmp_path: Path) -> list[Path]:
     return sites
 
 
-def secure_classification_job(tmp_path: Path, recorder_dir: Path, rounds: int) -> Path:
+def secure_classification_job(tmp_path: Path, recorder_dir: Path, rounds: int, train_timeout: int = 600,
+                              validation_timeout: int | None = None) -> Path:
     spec = json.loads((SPECS / "cls_fedavg.json").read_text())
-    spec["secure_aggregation"] = {"train_timeout_s": 600, "phase_timeout_s": 120}
+    spec["secure_aggregation"] = {"train_timeout_s": train_timeout, "phase_timeout_s": 120}
     job = export_job("cls_secagg", tmp_path / "jobs", num_rounds=rounds, min_clients=3, spec=spec)
     shutil.copy(RECORDER, job / "app" / "custom" / RECORDER.name)
     config_path = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(config_path.read_text())
     config["components"].append({"id": "secagg_recorder", "path": "secagg_recorder.SecAggRecorder",
                                  "args": {"folder": str(recorder_dir)}})
+    for workflow in config["workflows"]:
+        if validation_timeout and workflow["path"].endswith("CrossSiteModelEval"):
+            workflow["args"]["validation_timeout"] = validation_timeout
     config_path.write_text(json.dumps(config, indent=2))
     return job
 
@@ -248,3 +252,64 @@ def test_simulator_run_server_sees_only_masked_updates_and_gets_fedavg(tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     models = {c["model"] for c in report["cells"]}
     assert models and all("global" in m.lower() for m in models), models
+
+
+def kill_simulated_site(site: str, marker: str) -> bool:
+    """SIGKILL the NVFlare simulator worker process of ``site`` whose command line contains ``marker``."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if any("simulator_worker" in a for a in text) and site in text and any(marker in a for a in text):
+            os.kill(int(proc.name), signal.SIGKILL)
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_site_killed_after_masking_leaves_the_correct_aggregate_of_the_others(tmp_path):
+    import time
+
+    sites = three_kather_sites(tmp_path)
+    server_record, site_record = tmp_path / "server_record", tmp_path / "site_record"
+    job = secure_classification_job(tmp_path, server_record, rounds=1, train_timeout=60, validation_timeout=30)
+    env = {**os.environ, "FEDIMAGING_TEST_RECORD_DIR": str(site_record),
+           "FEDIMAGING_TEST_PAUSE_AFTER_MASKING": "site-c=600"}
+    workspace = tmp_path / "ws"
+    command = [sys.executable, "-m", "fedimaging", "simulate", str(job), "--sites", *map(str, sites),
+               "--workspace", str(workspace), "--rounds", "1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    killed = False
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            if not killed and (site_record / "site-c" / "round_0.npz").exists():
+                time.sleep(1)  # the record is written just before the pause
+                killed = kill_simulated_site("site-c", str(workspace))
+            time.sleep(1)
+        output = process.communicate(timeout=600)[0] if process.poll() is None else process.stdout.read()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert killed, "the site-c worker process was not found"
+    log = (workspace / "simulator.log").read_text() if (workspace / "simulator.log").exists() else output
+    aggregate_file = server_record / "aggregate_0.npz"
+    assert not (server_record / "received" / "site-c_0.npy").exists()
+    if not aggregate_file.exists():
+        # The alternative the protocol allows: a clean failure of the round, never a wrong model.
+        assert "secure aggregation round 0 failed" in log, log[-3000:]
+        return
+    records = {s: np.load(site_record / s / "round_0.npz") for s in ["site-a", "site-b"]}
+    surviving_fraction = sum(float(r["fraction"]) for r in records.values())
+    reference = records["site-a"]["reference"]
+    expected = reference + sum(r["weighted_update"] for r in records.values()) / surviving_fraction
+    aggregate = flat(dict(np.load(aggregate_file)))
+    assert np.allclose(aggregate, expected, rtol=1e-6, atol=(2 * TOLERANCE_PER_SITE) / surviving_fraction + 1e-7)
+    assert "left out: site-c" in log

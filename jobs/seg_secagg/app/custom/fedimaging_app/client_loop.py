@@ -248,22 +248,23 @@ class SecureAggregationSite:
             folder = Path(record) / self.site_name
             folder.mkdir(parents=True, exist_ok=True)
             np.savez(folder / f"{info['context'].rsplit('|', 1)[-1].replace(' ', '_')}.npz", weighted_update=update * fraction,
+                     fraction=fraction,
                      reference=flatten_update(incoming.params, {k: torch.zeros_like(v) for k, v in incoming.params.items()}),
                      masked=masked)
-        pause = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
-        if pause > 0:  # fault-injection tests kill the site during this pause
+        site, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition("=")
+        if site == self.site_name and seconds:  # fault-injection tests kill the site during this pause
             import time
 
-            time.sleep(pause)
+            time.sleep(float(seconds))
         return flare.FLModel(params={"secagg_masked": torch.from_numpy(masked.view(np.int32))}, metrics=metrics,
                              meta={"secagg": {"layout": model_layout(incoming.params)},
                                    "NUM_STEPS_CURRENT_ROUND": self.engine.n_training_cases})
 
 
-# Tests only: seconds a site waits between masking its update and sending it, and a folder where it
-# writes its true weighted update next to the masked one. Never set these at a real site: the record
-# holds the unmasked update.
-TEST_PAUSE_ENV = "FEDIMAGING_TEST_PAUSE_AFTER_MASKING_S"
+# Tests only: "SITE=SECONDS", how long that site waits between masking its update and sending it,
+# and a folder where each site writes its true weighted update next to the masked one. Never set
+# these at a real site: the record holds the unmasked update.
+TEST_PAUSE_ENV = "FEDIMAGING_TEST_PAUSE_AFTER_MASKING"
 TEST_RECORD_ENV = "FEDIMAGING_TEST_RECORD_DIR"
 
 
