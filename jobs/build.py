@@ -80,6 +80,47 @@ def _global_models_only(job_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
+PHI_GUARD_FILTER = "fedimaging_app.phi_guard.PHIGuardFilter"
+
+
+# Every task a fedimaging site answers: training, cross-site evaluation, secure aggregation phases.
+CLIENT_TASKS = ["train", "validate", "submit_model", "secagg_keys", "secagg_shares", "secagg_unmask"]
+PRIVACY_FILTERS = {
+    "percentile": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+    "svt": "nvflare.app_common.filters.svt_privacy.SVTPrivacy",
+    "exclude_vars": "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+}
+
+
+def _add_client_filters(job_dir: Path, job) -> None:
+    """PHI guard on every task result, the job's privacy filters on training results; tracking stays local.
+
+    Percentile and SVT filters act on weight differences only (with full weights they would wreck the
+    model); exclude_vars also removes the named parameters from the global model a site receives for
+    training, so those layers stay local.
+    """
+    path = job_dir / "app" / "config" / "config_fed_client.json"
+    config = json.loads(path.read_text())
+    guard = {"path": PHI_GUARD_FILTER, "args": {}}
+    privacy = []
+    for spec in job.privacy_filters:
+        args = dict(spec.args)
+        if spec.name != "exclude_vars":
+            args["data_kinds"] = ["WEIGHT_DIFF"]
+        privacy.append({"path": PRIVACY_FILTERS[spec.name], "args": args})
+    # NVFlare 2.9 looks filters up by exact task name ("*" matches nothing), so every task is listed.
+    config["task_result_filters"] = [{"tasks": ["train"], "filters": [*privacy, guard]},
+                                     {"tasks": [t for t in CLIENT_TASKS if t != "train"], "filters": [dict(guard)]}]
+    if job.kept_local:
+        config["task_data_filters"] = [{"tasks": ["train"], "filters": [
+            {"path": PRIVACY_FILTERS["exclude_vars"], "args": {"exclude_vars": job.kept_local}}]}]
+    # NVFlare's event converter would forward tracking events to the server; fedimaging keeps training
+    # curves in TensorBoard files at the site instead.
+    config["components"] = [c for c in config.get("components", [])
+                            if not c.get("path", "").endswith("ConvertToFedEvent")]
+    path.write_text(json.dumps(config, indent=4) + "\n")
+
+
 def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
     """Replace the FedAvg controller with fedimaging's secure-aggregation controller (same persistor)."""
     path = job_dir / "app" / "config" / "config_fed_server.json"
@@ -122,6 +163,7 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
         from fedimaging_app.config import JobConfig
 
         job = JobConfig.model_validate(spec)
+        _add_client_filters(target, job)
         if not job.evaluates_local_models:
             # A local model is neither masked nor differentially private: cross-validate global models only.
             _global_models_only(target)

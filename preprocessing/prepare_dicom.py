@@ -38,6 +38,7 @@ from preprocessing.inputs import (
 from preprocessing.output import DATALIST_NAME, MANIFEST_NAME, split_by_patient, write_json, write_nifti, write_png
 from preprocessing.progress import progress_iter
 from preprocessing.pseudonym import Pseudonymizer, load_or_create_key
+from fedimaging_app.phi_tokens import IdentifierList
 from preprocessing.reasons import Reason, Rejection
 from preprocessing.research import is_research_volume, load_research_volume, research_stem
 from preprocessing.resample import resample_label_nearest
@@ -359,6 +360,10 @@ def prepare_dicom(options: PrepareOptions) -> dict:
         if seg.sop_class_uid == SEG_STORAGE:
             label_segs.append(seg)
     segs = segs + label_segs
+    identifiers = IdentifierList.load_or_new(options.out, key)
+    for dicom_file in dicom_files + segs:
+        for kind, value in dicom_file.identifiers:
+            identifiers.add(value, kind)
     dicom_files, duplicates = deduplicate(dicom_files)
     for duplicate in duplicates:
         report.add_problem(duplicate.rel_path, Rejection(
@@ -427,6 +432,7 @@ def prepare_dicom(options: PrepareOptions) -> dict:
                 item[field_name] = case[field_name]
         datalist[case["split"]].append(item)
     write_json(out / DATALIST_NAME, datalist)
+    identifiers.save(out, (options.key_file or default_key_file()).expanduser().resolve())
 
     manifest = {
         "format_version": 1,
@@ -440,6 +446,7 @@ def prepare_dicom(options: PrepareOptions) -> dict:
             "split_orientations": options.split_orientations,
         },
         "summary": summarize(report),
+        "phi_identifiers_recorded": len(identifiers),
         "cases": report.cases,
         "excluded": report.excluded,
         "rejected": report.rejected,

@@ -20,6 +20,7 @@ from preprocessing.inputs import InputError, check_source_and_out, walk_files
 from preprocessing.output import DATALIST_NAME, MANIFEST_NAME, split_by_patient, write_json
 from preprocessing.progress import progress_iter
 from preprocessing.pseudonym import Pseudonymizer, default_key_file, load_or_create_key
+from fedimaging_app.phi_tokens import IdentifierList
 from preprocessing.reasons import Reason, Rejection
 from preprocessing.wsi.annotations import LabelFileError, find_annotation, read_slide_labels
 from preprocessing.wsi.slide_prep import SlideJob, SlideResult, process_slide
@@ -102,6 +103,34 @@ def _slide_identity(path: Path) -> str:
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 
 
+# Slide property names (after the vendor prefix, lower case) whose values identify a patient, a case or
+# an institution; a birth date property is recorded as a date.
+IDENTIFYING_PROPERTIES = frozenset({
+    "filename", "user", "operator", "title", "label", "slidelabel", "barcode", "reference", "patient",
+    "patientname", "patientid", "patient_id", "otherpatientids", "accession", "accessionnumber", "caseid",
+    "case_id", "specimen", "specimenid", "institution", "institutionname", "artist", "documentname",
+    "birthdate", "patientbirthdate", "dob",
+})
+
+
+def slide_identifiers(path: Path) -> list[tuple[str, str]]:
+    """(kind, value) of the slide's identifying properties and of its file name, for the PHI guard."""
+    found = [("file_name", path.stem)]
+    try:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as slide:
+            properties = dict(slide.properties)
+    except Exception:  # unreadable slides are reported by the tiling step; the file name is still recorded
+        return found
+    for name, value in properties.items():
+        short = name.rsplit(".", 1)[-1].lower()
+        if short in IDENTIFYING_PROPERTIES and value:
+            kind = "birth_date" if "birth" in short or short == "dob" else "slide_property"
+            found.append((kind, str(value)))
+    return found
+
+
 def _is_detected_slide(path: Path) -> bool:
     """Return whether OpenSlide recognises the file, or its suffix belongs only to slide formats."""
     import openslide
@@ -151,7 +180,8 @@ def _run_jobs(jobs: list[SlideJob], workers: int, show_progress: bool) -> list[S
         return list(progress_iter(list(pool.map(process_slide, jobs)), "Tiling slides", show_progress))
 
 
-def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, report: dict) -> tuple[list, dict]:
+def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, report: dict,
+                    identifiers: IdentifierList) -> tuple[list, dict]:
     source = options.source.resolve()
     base = source if source.is_dir() else source.parent
     slide_labels = {}
@@ -171,6 +201,8 @@ def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, r
                                       "message": f"{path.name}: not a whole-slide image; skipped"})
             continue
         slide_id = "slide-" + pseudonyms.digest("slide", _slide_identity(path))[:16]
+        for kind, value in slide_identifiers(path):
+            identifiers.add(value, kind)
         if slide_id in seen:
             report["skipped"].append({"path": rel, "reason": Reason.DUPLICATE_INSTANCE.value,
                                       "message": f"{path.name}: same slide content as {seen[slide_id]}; ignored"})
@@ -229,7 +261,7 @@ def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, r
 
 
 def _prepare_tiles(options: WsiOptions, classes: dict[str, list[Path]], pseudonyms: Pseudonymizer, out: Path,
-                   report: dict) -> tuple[list, dict]:
+                   report: dict, identifiers: IdentifierList) -> tuple[list, dict]:
     from PIL import Image
 
     base = options.source.resolve()
@@ -237,6 +269,7 @@ def _prepare_tiles(options: WsiOptions, classes: dict[str, list[Path]], pseudony
     all_files = [(class_name, path) for class_name, paths in classes.items() for path in paths]
     for class_name, path in progress_iter(all_files, "Reading tiles", options.show_progress):
         rel = path.resolve().relative_to(base).as_posix()
+        identifiers.add(path.stem, "file_name")
         try:
             tile = load_tile(path, options.mpp, options.assume_mpp)
         except Rejection as rejection:
@@ -271,14 +304,15 @@ def prepare_wsi(options: WsiOptions) -> dict:
     out = options.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"slides": [], "tiles": [], "rejected": [], "skipped": []}
+    identifiers = IdentifierList.load_or_new(out, key)
 
     tile_classes = find_tile_folders(options.source.resolve())
     slide_files = [p for p in walk_files(options.source.resolve()) if _is_detected_slide(p)]
     if tile_classes and not slide_files:
-        (items_by_group, groups), split_info = _prepare_tiles(options, tile_classes, pseudonyms, out, report)
+        (items_by_group, groups), split_info = _prepare_tiles(options, tile_classes, pseudonyms, out, report, identifiers)
         mode = "tiles"
     else:
-        (items_by_group, groups), split_info = _prepare_slides(options, pseudonyms, out, report)
+        (items_by_group, groups), split_info = _prepare_slides(options, pseudonyms, out, report, identifiers)
         mode = "slides"
 
     split = split_by_patient(groups, options.val_fraction, options.seed)
@@ -291,6 +325,7 @@ def prepare_wsi(options: WsiOptions) -> dict:
                 item["label"] = class_names.index(item["class_name"])
             datalist[split[group_id]].append(item)
     write_json(out / DATALIST_NAME, datalist)
+    identifiers.save(out, (options.key_file or default_key_file()).expanduser().resolve())
 
     tile_counts = Counter(item["class_name"] for items in items_by_group.values() for item in items)
     manifest = {

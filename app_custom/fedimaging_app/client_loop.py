@@ -27,6 +27,7 @@ from fedimaging_app.config import (
     locate_site_config,
 )
 from fedimaging_app.models import build_model
+from fedimaging_app.phi_guard import install_log_guard, load_site_identifiers
 from fedimaging_app.privacy import epsilon_after, privatize_update
 from fedimaging_app.secagg import SecAggError, SiteRound, flatten_update, model_layout
 from fedimaging_app.site_data import load_prepared
@@ -81,6 +82,18 @@ def clip_model_update(model: torch.nn.Module, global_params: dict, max_norm: flo
     return norm
 
 
+def load_global(model: torch.nn.Module, params: dict, job: JobConfig) -> None:
+    """Load a received global model; parameters an exclude_vars filter keeps local may be absent."""
+    if not job.kept_local:
+        model.load_state_dict(params)
+        return
+    result = model.load_state_dict(params, strict=False)
+    unexpected_missing = [k for k in result.missing_keys if k not in job.kept_local]
+    if result.unexpected_keys or unexpected_missing:
+        raise ConfigError(f"the received model does not match this job's network: missing {unexpected_missing}, "
+                          f"unexpected {result.unexpected_keys}")
+
+
 def metrics_message(engine, result: dict, job: JobConfig, provenance: dict) -> dict:
     """Build the summary a site sends for one model: the fedimaging metrics contract, never per-case values."""
     return {
@@ -109,6 +122,11 @@ def run(engine_factory, custom_dir: Path) -> None:
     site = load_site_config(site_path)
     if site.site_name != site_name:
         raise ConfigError(f"{site_path}: site_name '{site.site_name}' does not match this NVFlare client '{site_name}'")
+    try:
+        # The PHI guard needs the identifiers recorded by fedimaging prepare; without them, no training.
+        install_log_guard(load_site_identifiers(site_name))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if site.torch_threads:
         torch.set_num_threads(site.torch_threads)
     seed_everything(job.seed)
@@ -150,7 +168,7 @@ def run(engine_factory, custom_dir: Path) -> None:
             state = local_state if local_state is not None else model.state_dict()
             flare.send(flare.FLModel(params={k: v.cpu() for k, v in state.items()}))
             continue
-        model.load_state_dict(incoming.params)
+        load_global(model, incoming.params, job)
         if flare.is_evaluate():
             message = metrics_message(engine, engine.validate(model), job, provenance)
             message["differential_privacy"] = privacy
@@ -181,8 +199,15 @@ def run(engine_factory, custom_dir: Path) -> None:
         if secure is not None:
             flare.send(secure.masked_reply(model, incoming, metrics))
             continue
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        params_type = flare.ParamsType.FULL
+        if job.sends_differences:
+            # NVFlare's privacy filters work on what changed, so send weights minus the received model.
+            state = {k: v - torch.as_tensor(incoming.params[k]).cpu() for k, v in state.items() if k in incoming.params}
+            params_type = flare.ParamsType.DIFF
         flare.send(flare.FLModel(
-            params={k: v.cpu() for k, v in model.state_dict().items()},
+            params=state,
+            params_type=params_type,
             metrics=metrics,
             meta={"NUM_STEPS_CURRENT_ROUND": engine.n_training_cases},
         ))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from preprocessing.reasons import Reason, Rejection
@@ -79,6 +80,8 @@ class DicomFile:
     is_enhanced: bool = False
     # Bits per entry of the Modality LUT Sequence, when the file maps stored values through one.
     modality_lut_bits: int | None = None
+    # (kind, value) of every identifier in the header, for the PHI guard's site-local list; never written out.
+    identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
     # The parsed header with its pixel data deferred, reused by the decoder so each file is parsed once.
     # NOTE: kept until the file is decoded, a few kilobytes per file; gzipped files are re-read instead.
     header_dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
@@ -180,7 +183,7 @@ def _float_list(value, n: int) -> np.ndarray | None:
     if value is None:
         return None
     try:
-        values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])]
+        values = [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
     except (TypeError, ValueError):
         return None
     if len(values) != n or not all(np.isfinite(values)):
@@ -278,6 +281,29 @@ def _number_of_frames(ds: pydicom.Dataset, path: Path) -> int:
             f"{path.name}: NumberOfFrames {str(value)!r} is not a positive integer; re-export the file from the archive",
         )
     return n_frames
+
+
+# Header fields the PHI guard records (as keyed hashes, at the site) and the kind each one is.
+IDENTIFIER_TAGS = (
+    ("PatientName", "patient_name"),
+    ("PatientID", "patient_id"),
+    ("OtherPatientIDs", "patient_id"),
+    ("AccessionNumber", "accession_number"),
+    ("PatientBirthDate", "birth_date"),
+    ("InstitutionName", "institution"),
+)
+
+
+def header_identifiers(ds: pydicom.Dataset) -> tuple[tuple[str, str], ...]:
+    """The identifying values of a header, as (kind, text) pairs; multi-valued elements give one pair each."""
+    found = []
+    for keyword, kind in IDENTIFIER_TAGS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+        found.extend((kind, str(v)) for v in values if str(v).strip())
+    return tuple(found)
 
 
 def _modality_lut_bits(ds: pydicom.Dataset) -> int | None:
@@ -473,6 +499,7 @@ def read_header(path: Path, rel_path: str) -> DicomFile:
             is_enhanced=is_enhanced,
             header_dataset=None if is_gzip else ds,
             modality_lut_bits=_modality_lut_bits(ds),
+            identifiers=header_identifiers(ds),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise Rejection(

@@ -59,6 +59,26 @@ class PrivacySpec(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
+class PrivacyFilterSpec(BaseModel):
+    """One of NVFlare's privacy filters, applied at every site to the update it sends after training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # percentile: PercentilePrivacy (share only the largest changes, clipped); svt: SVTPrivacy (sparse
+    # vector technique); exclude_vars: ExcludeVars (named parameters never leave the site and stay local).
+    name: Literal["percentile", "svt", "exclude_vars"]
+    args: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _exclude_vars_listed(self) -> "PrivacyFilterSpec":
+        if self.name == "exclude_vars":
+            names = self.args.get("exclude_vars")
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ValueError("exclude_vars needs args.exclude_vars: a list of parameter names (regular expressions "
+                                 "are not exported correctly by NVFlare)")
+        return self
+
+
 class SecureAggregationSpec(BaseModel):
     """Pairwise-masking secure aggregation (``fedimaging_app.secagg``): the server sees only masked updates."""
 
@@ -90,6 +110,8 @@ class JobConfig(BaseModel):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     differential_privacy: PrivacySpec | None = None
     secure_aggregation: SecureAggregationSpec | None = None
+    # NVFlare privacy filters on each site's training result; sites then send weight differences.
+    privacy_filters: list[PrivacyFilterSpec] = Field(default_factory=list)
     # Models scored by cross-site evaluation: "global_and_local" also sends each site's local model to
     # the others; "global" scores the global models only. Default: global_and_local, or global when
     # masking or differential privacy is on (a local model is neither masked nor private).
@@ -126,6 +148,11 @@ class JobConfig(BaseModel):
             raise ValueError(f"aggregation.method {self.aggregation.method} cannot be combined with "
                              "secure_aggregation: the server only ever sees the masked sum, so it cannot take a "
                              "coordinate-wise median or trimmed mean; use weighted_mean")
+        if self.privacy_filters and (self.secure_aggregation is not None or self.differential_privacy is not None):
+            raise ValueError("privacy_filters cannot be combined with secure_aggregation or differential_privacy: the "
+                             "filters would act on masked or already-noised updates; choose one protection")
+        if len({f.name for f in self.privacy_filters}) != len(self.privacy_filters):
+            raise ValueError("privacy_filters lists the same filter twice")
         protected = [name for name, on in (("secure_aggregation", self.secure_aggregation is not None),
                                            ("differential_privacy", self.differential_privacy is not None)) if on]
         if protected and self.cross_site_models == "global_and_local":
@@ -133,6 +160,16 @@ class JobConfig(BaseModel):
                              "it would send each site's unprotected local model to the other sites; "
                              "use global (or leave cross_site_models out)")
         return self
+
+    @property
+    def sends_differences(self) -> bool:
+        """Whether sites send weight differences (needed by NVFlare's privacy filters) instead of weights."""
+        return bool(self.privacy_filters)
+
+    @property
+    def kept_local(self) -> list[str]:
+        """Parameter names an exclude_vars filter keeps at the sites."""
+        return [n for f in self.privacy_filters if f.name == "exclude_vars" for n in f.args["exclude_vars"]]
 
     @property
     def evaluates_local_models(self) -> bool:
@@ -185,6 +222,9 @@ class SiteConfig(BaseModel):
     validate_on_training_when_no_validation: bool = True
     # The site's NVFlare startup kit (the folder holding startup/); used by `fedimaging site check`.
     startup_kit: Path | None = None
+    # The pseudonym key fedimaging prepare used; the PHI guard needs it to check outgoing messages
+    # (default: $FEDIMAGING_KEY_FILE, else the key file named in the prepared folder).
+    key_file: Path | None = None
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:
@@ -210,8 +250,10 @@ def load_site_config(path: Path) -> SiteConfig:
         raise ConfigError(_format_validation_error(path, exc)) from exc
     if not config.data_dir.is_absolute():
         config.data_dir = (path.parent / config.data_dir).resolve()
-    if config.startup_kit is not None and not config.startup_kit.is_absolute():
-        config.startup_kit = (path.parent / config.startup_kit).resolve()
+    for name in ("startup_kit", "key_file"):
+        value = getattr(config, name)
+        if value is not None and not value.expanduser().is_absolute():
+            setattr(config, name, (path.parent / value).resolve())
     return config
 
 

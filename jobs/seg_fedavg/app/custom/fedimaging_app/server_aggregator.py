@@ -31,6 +31,7 @@ class CheckedAggregator(ModelAggregator):
         self.trim_fraction = trim_fraction
         self.min_clients = min_clients
         self._replies: list[Reply] = []
+        self._params_types: set = set()
         self.last_verdicts: list = []
 
     def accept_model(self, model: FLModel) -> None:
@@ -42,6 +43,9 @@ class CheckedAggregator(ModelAggregator):
         except (TypeError, ValueError):
             weight = float("nan")
         params = {name: np.asarray(value) for name, value in (model.params or {}).items()}
+        if params:
+            # Sites send full weights, or weight differences when the job uses NVFlare's privacy filters.
+            self._params_types.add(model.params_type or ParamsType.FULL)
         self._replies.append(Reply(site, params, weight))
 
     def _reference_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -58,6 +62,10 @@ class CheckedAggregator(ModelAggregator):
 
     def aggregate_model(self) -> FLModel:
         try:
+            if len(self._params_types) > 1:
+                raise AggregationError("sites sent a mix of full weights and weight differences; check that every "
+                                       "site runs the same job version")
+            params_type = next(iter(self._params_types), ParamsType.FULL)
             shapes = self._reference_shapes()
             params, verdicts = aggregate(self._replies, shapes, method=self.method, trim_fraction=self.trim_fraction,
                                          min_clients=self.min_clients)
@@ -73,8 +81,9 @@ class CheckedAggregator(ModelAggregator):
         self.last_verdicts = verdicts
         self.reset_stats()
         excluded = {v.site: v.reasons for v in verdicts if not v.accepted}
-        return FLModel(params=params, params_type=ParamsType.FULL,
+        return FLModel(params=params, params_type=params_type,
                        meta={"fedimaging_excluded_sites": excluded})
 
     def reset_stats(self) -> None:
         self._replies = []
+        self._params_types = set()
