@@ -399,6 +399,8 @@ def per_tile_costs(items: list[dict], root: Path) -> dict[str, float]:
         return PIL.Image.alpha_composite(PIL.Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
 
     images = timed("loader: composite on white", composite, regions)
+    # The same test on the alpha band alone, a candidate for read_tile: getextrema() on RGBA scans all four bands.
+    timed("candidate: alpha extrema of band A only", lambda region: region.getchannel("A").getextrema(), regions)
     tile_size = sample[0]["tile_size"]
     if images[0].size != (tile_size, tile_size):
         images = timed(f"loader: bilinear resize to {tile_size}",

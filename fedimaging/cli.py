@@ -49,6 +49,8 @@ def _add_prepare_dicom(subparsers) -> None:
                         help="prepare derived and secondary images (ImageType DERIVED or SECONDARY) too")
     parser.add_argument("--split-orientations", action="store_true",
                         help="prepare each orientation of a series that changes orientation as its own volume")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that decode compressed series of 8 or more files, this one included (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="never draw progress bars")
     parser.set_defaults(handler=_run_prepare_dicom)
 
@@ -61,7 +63,7 @@ def _run_prepare_dicom(args) -> int:
     options = PrepareOptions(
         source=args.source, out=args.out, labels=args.labels, site=args.site, key_file=args.key_file,
         seed=args.seed, val_fraction=args.val_fraction, include_localizers=args.include_localizers,
-        include_derived=args.include_derived, split_orientations=args.split_orientations,
+        include_derived=args.include_derived, split_orientations=args.split_orientations, workers=args.workers,
         show_progress=sys.stderr.isatty() and not args.no_progress,
     )
     key_file = _key_file(args.key_file)

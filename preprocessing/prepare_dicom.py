@@ -7,7 +7,9 @@ an excluded series (localizers, derived images), a rejected file or series, or a
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections import Counter
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -23,8 +25,9 @@ from preprocessing.dicom.grouping import (
 )
 from preprocessing.dicom.headers import SEG_STORAGE, DicomFile, read_header
 from preprocessing.dicom.seg import seg_onto_grid
-from preprocessing.dicom.volume import BuiltImage, build_image2d, build_volume
+from preprocessing.dicom.volume import MIN_FILES_FOR_WORKERS, BuiltImage, build_image2d, build_volume
 from preprocessing.inputs import (
+    InputError,
     check_source_and_out,
     LabelInputs,
     LabelSource,
@@ -67,6 +70,8 @@ class PrepareOptions:
     include_derived: bool = False
     split_orientations: bool = False
     show_progress: bool = False
+    # Processes that decode large compressed series, this one included; 1 decodes everything here.
+    workers: int = 1
 
 
 @dataclass
@@ -153,6 +158,24 @@ def _group_folder(group: SeriesGroup) -> str:
 
 
 def _build_dicom(groups: list[SeriesGroup], options: PrepareOptions, base: Path, report: Report) -> list[Candidate]:
+    if options.workers > 1 and any(len(group.files) >= MIN_FILES_FOR_WORKERS for group in groups):
+        with _decode_pool(options.workers) as decode_pool:
+            return _build_groups(groups, options, base, report, decode_pool)
+    return _build_groups(groups, options, base, report, None)
+
+
+def _decode_pool(workers: int) -> ProcessPoolExecutor:
+    """Start ``workers - 1`` processes that decode compressed series next to this one, forked where possible.
+
+    Forked workers start in milliseconds because pydicom and its decoders are already imported.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ProcessPoolExecutor(max_workers=workers - 1, mp_context=context)
+
+
+def _build_groups(groups: list[SeriesGroup], options: PrepareOptions, base: Path, report: Report,
+                  decode_pool: Executor | None) -> list[Candidate]:
     candidates = []
     conflicts = set() if options.split_orientations else orientation_conflicts(groups)
     for index, group in enumerate(progress_iter(groups, "Building volumes", options.show_progress)):
@@ -183,7 +206,7 @@ def _build_dicom(groups: list[SeriesGroup], options: PrepareOptions, base: Path,
                     "--split-orientations to prepare each orientation separately",
                 )
             if is_volumetric(group):
-                built = [build_volume(group)]
+                built = [build_volume(group, decode_pool, options.workers)]
             elif group.n_frames > len(group.files):
                 raise Rejection(
                     Reason.MULTIFRAME_CINE,
@@ -340,6 +363,8 @@ def prepare_dicom(options: PrepareOptions) -> dict:
     Raises ``InputError`` for wrong arguments; every per-file problem goes into the manifest.
     """
     check_source_and_out(options.source, options.out, options.val_fraction, MANIFEST_NAME)
+    if options.workers < 1:
+        raise InputError(f"--workers {options.workers}: must be at least 1")
     from preprocessing.pseudonym import default_key_file
 
     key = load_or_create_key(options.key_file or default_key_file(), options.out)

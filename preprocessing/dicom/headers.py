@@ -18,7 +18,13 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from preprocessing.reasons import Reason, Rejection
 
@@ -83,7 +89,8 @@ class DicomFile:
     # (kind, value) of every identifier in the header, for the PHI guard's site-local list; never written out.
     identifiers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
     # The parsed header with its pixel data deferred, reused by the decoder so each file is parsed once.
-    # NOTE: kept until the file is decoded, a few kilobytes per file; gzipped files are re-read instead.
+    # NOTE: kept until the file is decoded. It takes a few kilobytes per file, because pixel data over
+    # 1024 bytes stays deferred. Gzipped files are re-read instead.
     header_dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -358,8 +365,11 @@ def _check_pixel_length(ds: pydicom.Dataset, path: Path, file_size: int | None) 
     """Reject a native (uncompressed) file whose pixel data is shorter than its header promises.
 
     Encapsulated (compressed) pixel data has no fixed length; a cut-short stream fails when decoded.
+    ``file_size`` is None where element offsets are not file offsets (gzipped or deflated files).
     """
-    element = ds.get_item(_PIXEL_DATA_TAG)
+    # A deferred element keeps its length and file offset, so the pixel bytes are read once, when decoded.
+    # Offsets of a deflated file count bytes of the inflated stream, so its value is read here instead.
+    element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=file_size is not None)
     length = getattr(element, "length", None)
     value_tell = getattr(element, "value_tell", None)
     if length is None:
@@ -452,7 +462,8 @@ def read_header(path: Path, rel_path: str) -> DicomFile:
 
     n_frames = _number_of_frames(ds, path)
     if not UID(transfer_syntax).is_compressed:
-        _check_pixel_length(ds, path, None if is_gzip else path.stat().st_size)
+        on_disk = not is_gzip and transfer_syntax != DeflatedExplicitVRLittleEndian
+        _check_pixel_length(ds, path, path.stat().st_size if on_disk else None)
     if sop_class != SEG_STORAGE:
         check_decoder(transfer_syntax, path)
 

@@ -10,24 +10,71 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from preprocessing.dicom.headers import DicomFile, FrameInfo, read_dataset
 from preprocessing.reasons import Reason, Rejection
 
 
 def _fix_unused_bits(array: np.ndarray, dicom_file: DicomFile) -> np.ndarray:
-    """Clear (unsigned) or sign-extend (signed) the bits above BitsStored, which may hold junk."""
+    """Clear (unsigned) or sign-extend (signed) the bits above BitsStored, which may hold junk.
+
+    The operations run in the array's own type. Masking, XOR and subtraction wrap modulo 2**bits of
+    that type, so the result equals the same steps in int64 cast back to the array's type.
+    """
     bits = dicom_file.bits_stored
     if not np.issubdtype(array.dtype, np.integer) or bits >= array.dtype.itemsize * 8:
         return array
-    values = array.astype(np.int64)
-    mask = (1 << bits) - 1
-    values &= mask
+    scalar = array.dtype.type
+    values = array & scalar((1 << bits) - 1)
     if dicom_file.pixel_representation == 1:
-        sign_bit = 1 << (bits - 1)
-        values = (values ^ sign_bit) - sign_bit
-    return values.astype(array.dtype)
+        sign_bit = scalar(1 << (bits - 1))
+        values ^= sign_bit
+        values -= sign_bit
+    return values
+
+
+_PIXEL_DATA_TAG = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Transfer syntaxes whose pixel data is stored as plain little endian values, read here without pydicom's decoder.
+_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _read_native_greyscale(dicom_file: DicomFile, dataset: pydicom.Dataset) -> np.ndarray | None:
+    """Read uncompressed greyscale pixel data straight from the file, or return None where pydicom must decode.
+
+    The result equals ``dataset.pixel_array`` before pydicom's correction of unused bits, which
+    ``_fix_unused_bits`` makes irrelevant: (rows, columns) for one frame, (frames, rows, columns) for
+    more. Deferred pixel data is read from the file at the element's offset, so each file is opened
+    once more for its pixels but parsed only once.
+    """
+    if (
+        dicom_file.transfer_syntax not in _NATIVE_LITTLE_ENDIAN
+        or dicom_file.samples_per_pixel != 1
+        or dicom_file.photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or dicom_file.bits_allocated not in (8, 16, 32)
+    ):
+        return None
+    element = dataset.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
+        return None
+    kind = "i" if dicom_file.pixel_representation == 1 else "u"
+    dtype = np.dtype(f"<{kind}{dicom_file.bits_allocated // 8}")
+    shape = (dicom_file.number_of_frames, dicom_file.rows, dicom_file.columns)
+    count = shape[0] * shape[1] * shape[2]
+    if element.value is None and element.value_tell is not None:
+        array = np.fromfile(dicom_file.path, dtype=dtype, count=count, offset=element.value_tell)
+    elif isinstance(element.value, (bytes, bytearray)):
+        # A copy, because pydicom's arrays are writeable and this value is at most the deferral size (1 KiB).
+        array = np.frombuffer(element.value, dtype=dtype, count=min(count, len(element.value) // dtype.itemsize)).copy()
+    else:
+        return None
+    if array.size != count:
+        return None  # shorter than the header promises: let pydicom raise its own error
+    array = array.reshape(shape)
+    return array[0] if dicom_file.number_of_frames == 1 else array
 
 
 def _palette_to_rgb(indices: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
@@ -65,7 +112,9 @@ def decode_frames(dicom_file: DicomFile) -> np.ndarray:
         # The file meta is missing or lacks the element, and pydicom needs the encoding to decode pixels.
         dataset.file_meta.TransferSyntaxUID = dicom_file.transfer_syntax
     try:
-        array = dataset.pixel_array
+        array = _read_native_greyscale(dicom_file, dataset)
+        if array is None:
+            array = dataset.pixel_array
         if dicom_file.photometric == "PALETTE COLOR":
             array = _palette_to_rgb(array, dataset)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, and plugin-specific types
@@ -84,6 +133,31 @@ def decode_frames(dicom_file: DicomFile) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
+def _inversion_range(dicom_file: DicomFile) -> tuple[int, int]:
+    """Lowest and highest stored value that MONOCHROME1 inversion maps onto each other."""
+    if dicom_file.modality_lut_bits is not None:
+        return 0, (1 << dicom_file.modality_lut_bits) - 1
+    if dicom_file.pixel_representation == 1:
+        return -(1 << (dicom_file.bits_stored - 1)), (1 << (dicom_file.bits_stored - 1)) - 1
+    return 0, (1 << dicom_file.bits_stored) - 1
+
+
+def integer_rescale(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo) -> tuple[int, int] | None:
+    """Return (sign, offset) with physical values = sign * stored + offset, exact in integers, or None.
+
+    None means the frame needs floating point: float stored values, a slope other than 1 or a
+    non-integer intercept. ``sign`` is -1 for MONOCHROME1, which is inverted, and 1 otherwise.
+    """
+    slope = 1.0 if frame.rescale_slope is None else frame.rescale_slope
+    intercept = 0.0 if frame.rescale_intercept is None else frame.rescale_intercept
+    if not (np.issubdtype(stored.dtype, np.integer) and slope == 1.0 and float(intercept).is_integer()):
+        return None
+    if dicom_file.photometric == "MONOCHROME1":
+        low, high = _inversion_range(dicom_file)
+        return -1, low + high + int(intercept)
+    return 1, int(intercept)
+
+
 def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo) -> tuple[np.ndarray, bool]:
     """Convert one greyscale frame of stored values to physical values.
 
@@ -99,12 +173,7 @@ def physical_values(stored: np.ndarray, dicom_file: DicomFile, frame: FrameInfo)
     values = stored.astype(integer_type if exact else np.float64)
     inverted = dicom_file.photometric == "MONOCHROME1"
     if inverted:
-        if dicom_file.modality_lut_bits is not None:
-            low, high = 0, (1 << dicom_file.modality_lut_bits) - 1
-        elif dicom_file.pixel_representation == 1:
-            low, high = -(1 << (dicom_file.bits_stored - 1)), (1 << (dicom_file.bits_stored - 1)) - 1
-        else:
-            low, high = 0, (1 << dicom_file.bits_stored) - 1
+        low, high = _inversion_range(dicom_file)
         values = (low + high) - values
     if exact:
         if intercept != 0.0:
@@ -119,7 +188,11 @@ def compact_dtype(values: np.ndarray) -> np.dtype:
     if not np.issubdtype(values.dtype, np.integer) and (
             not np.all(np.isfinite(values)) or not np.all(values == np.round(values))):
         return np.dtype(np.float32)
-    low, high = float(values.min()), float(values.max())
+    return compact_integer_dtype(float(values.min()), float(values.max()))
+
+
+def compact_integer_dtype(low: float, high: float) -> np.dtype:
+    """Smallest of int16/uint16/int32 that holds integers from ``low`` to ``high``, else float32."""
     for dtype in (np.int16, np.uint16, np.int32):
         info = np.iinfo(dtype)
         if low >= info.min and high <= info.max:
