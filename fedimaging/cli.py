@@ -268,6 +268,13 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_deploy_commands(commands) -> None:
+    from fedimaging.deploy.commands import add_provision, add_site
+
+    add_provision(commands)
+    add_site(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
@@ -281,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_bundle(commands)
     _add_demo(commands)
+    _add_deploy_commands(commands)
     return parser
 
 

@@ -81,6 +81,16 @@ def _global_models_only(job_dir: Path) -> None:
 
 
 PHI_GUARD_FILTER = "fedimaging_app.phi_guard.PHIGuardFilter"
+# Seconds an idle site waits before asking the server for its next task (NVFlare's default is 2).
+# Secure aggregation runs four tasks a round, so each wait adds up.
+TASK_REQUEST_INTERVAL = 0.25
+
+
+def _set_task_request_interval(job_dir: Path) -> None:
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    config.setdefault("server", {})["task_request_interval"] = TASK_REQUEST_INTERVAL
+    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 # Every task a fedimaging site answers: training, cross-site evaluation, secure aggregation phases.
@@ -164,6 +174,7 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
 
         job = JobConfig.model_validate(spec)
         _add_client_filters(target, job)
+        _set_task_request_interval(target)
         if not job.evaluates_local_models:
             # A local model is neither masked nor differentially private: cross-validate global models only.
             _global_models_only(target)

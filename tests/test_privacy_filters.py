@@ -79,3 +79,39 @@ def test_simulator_run_with_percentile_and_exclude_vars(tmp_path):
     fedimaging("report", workspace, "--out", tmp_path / "report")
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [c for c in report["cells"] if c["value"] is not None]
+
+
+def _context(task: str, task_id: str, direction: str):
+    from nvflare.apis.fl_constant import FLContextKey
+    from nvflare.apis.fl_context import FLContext
+
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_ID, task_id, private=True, sticky=False)
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, direction, private=True, sticky=False)
+    return ctx
+
+
+def test_site_dp_filter_clips_and_noises_what_the_site_sends():
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.apis.fl_constant import FilterKey
+
+    from fedimaging_app.privacy import SiteDPFilter
+
+    rng = np.random.default_rng(0)
+    received = {"w": rng.normal(size=10_000).astype(np.float32), "count": np.array([3])}
+    trained = {"w": received["w"] + 1.0, "count": np.array([4])}  # an update of norm 100
+    site_filter = SiteDPFilter(noise_multiplier=0.5, clip_norm=2.0)
+    site_filter.process(DXO(DataKind.WEIGHTS, received).to_shareable(), _context("train", "t1", FilterKey.IN))
+    out = from_shareable(site_filter.process(DXO(DataKind.WEIGHTS, trained).to_shareable(),
+                                             _context("train", "t1", FilterKey.OUT))).data
+    change = out["w"] - received["w"]
+    # Clipped to norm 2 (each value 0.02) plus noise of std 1 per value.
+    assert abs(np.std(change) - 1.0) < 0.05
+    assert abs(np.mean(change) - 0.02) < 0.05
+    assert out["count"][0] == 4  # integer buffers are not noised
+    # Validation results pass untouched; a result it cannot noise is refused.
+    metrics = DXO(DataKind.METRICS, {"dice": 0.5}).to_shareable()
+    assert site_filter.process(metrics, _context("validate", "t2", FilterKey.OUT)) is metrics
+    with pytest.raises(RuntimeError, match="requires differential privacy"):
+        site_filter.process(DXO(DataKind.WEIGHTS, trained).to_shareable(), _context("train", "never-received", FilterKey.OUT))
