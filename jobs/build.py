@@ -20,9 +20,6 @@ APP_CUSTOM = REPO / "app_custom"
 SPECS = REPO / "jobs" / "specs"
 CLIENT_SCRIPTS = {"segmentation": "seg_client.py", "classification": "cls_client.py"}
 JOB_CONFIG_FILE_NAME = "fedimaging_job.json"
-# Cross-site evaluation timeouts in seconds; NVFlare's defaults wait up to 6000 s for a silent site.
-SUBMIT_MODEL_TIMEOUT = 600
-VALIDATION_TIMEOUT = 1800
 
 
 @contextmanager
@@ -66,7 +63,8 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
     # fedimaging_app package whole, the client scripts and the job configuration.
     recipe.add_client_file(".")
     recipe.add_server_file(".")
-    add_cross_site_evaluation(recipe, submit_model_timeout=SUBMIT_MODEL_TIMEOUT, validation_timeout=VALIDATION_TIMEOUT)
+    add_cross_site_evaluation(recipe, submit_model_timeout=job.timeouts.submit_model_s,
+                              validation_timeout=job.timeouts.validation_s)
     return recipe
 
 
@@ -131,6 +129,22 @@ def _add_client_filters(job_dir: Path, job) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
+def _use_timed_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
+    """Replace NVFlare's FedAvg controller with one that stops waiting for silent sites, and set the
+    cross-site evaluation timeouts from the job's ``timeouts``."""
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    for workflow in config["workflows"]:
+        args = workflow.setdefault("args", {})
+        if workflow["path"].endswith(".FedAvg"):
+            workflow["path"] = "fedimaging_app.workflows.TimedFedAvg"
+            args.update(num_rounds=num_rounds, num_clients=min_clients, min_clients=job.aggregation.min_valid_replies,
+                        train_timeout=job.timeouts.train_s)
+        elif workflow["path"].endswith("CrossSiteModelEval"):
+            args.update(validation_timeout=job.timeouts.validation_s, submit_model_timeout=job.timeouts.submit_model_s)
+    path.write_text(json.dumps(config, indent=4) + "\n")
+
+
 def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
     """Replace the FedAvg controller with fedimaging's secure-aggregation controller (same persistor)."""
     path = job_dir / "app" / "config" / "config_fed_server.json"
@@ -139,8 +153,7 @@ def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: in
         if workflow["path"].endswith(".FedAvg"):
             args = {k: v for k, v in workflow.get("args", {}).items() if k not in ("aggregator", "aggregation_weights")}
             args.update(num_rounds=num_rounds, num_clients=min_clients, min_clients=job.aggregation.min_valid_replies,
-                        train_timeout=job.secure_aggregation.train_timeout_s,
-                        phase_timeout=job.secure_aggregation.phase_timeout_s)
+                        train_timeout=job.timeouts.train_s, phase_timeout=job.secure_aggregation.phase_timeout_s)
             workflow["path"] = "fedimaging_app.secure_workflow.SecureFedAvg"
             workflow["args"] = args
             break
@@ -158,30 +171,34 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
     """
     if spec is None:
         spec = json.loads((SPECS / f"{name}.json").read_text())
-    config_copy = APP_CUSTOM / JOB_CONFIG_FILE_NAME
-    config_copy.write_text(json.dumps(spec, indent=2) + "\n")
-    try:
-        with _working_directory(APP_CUSTOM):
-            recipe = make_recipe(name, spec, num_rounds=num_rounds, min_clients=min_clients)
-            with tempfile.TemporaryDirectory() as scratch:
-                recipe.export(scratch)
-                target = destination / name
-                if target.exists():
-                    shutil.rmtree(target)
-                shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
-        sys.path.insert(0, str(APP_CUSTOM))
-        from fedimaging_app.config import JobConfig
+    # ---- Homomorphic encryption: NVFlare's HE recipe replaces everything below (jobs/he.py). ----
+    if spec.get("homomorphic_encryption") is not None:
+        from jobs.he import export_he_job
 
-        job = JobConfig.model_validate(spec)
-        _add_client_filters(target, job)
-        _set_task_request_interval(target)
-        if not job.evaluates_local_models:
-            # A local model is neither masked nor differentially private: cross-validate global models only.
-            _global_models_only(target)
-        if job.secure_aggregation is not None:
-            _use_secure_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
-    finally:
-        config_copy.unlink(missing_ok=True)
+        return export_he_job(name, spec, destination, num_rounds=num_rounds, min_clients=min_clients)
+    with _working_directory(APP_CUSTOM):
+        recipe = make_recipe(name, spec, num_rounds=num_rounds, min_clients=min_clients)
+        with tempfile.TemporaryDirectory() as scratch:
+            recipe.export(scratch)
+            target = destination / name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+    # The job's settings travel in its custom folder; written here rather than into app_custom/, so
+    # that two exports at once never see each other's file.
+    (target / "app" / "custom" / JOB_CONFIG_FILE_NAME).write_text(json.dumps(spec, indent=2) + "\n")
+    sys.path.insert(0, str(APP_CUSTOM))
+    from fedimaging_app.config import JobConfig
+
+    job = JobConfig.model_validate(spec)
+    _add_client_filters(target, job)
+    _set_task_request_interval(target)
+    if not job.evaluates_local_models:
+        # A local model is neither masked nor differentially private: cross-validate global models only.
+        _global_models_only(target)
+    if job.secure_aggregation is not None:
+        _use_secure_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
+    _use_timed_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
     return destination / name
 
 

@@ -56,8 +56,9 @@ def test_rounds_set_when_exporter_omits_default(tmp_path):
 
     job = export_job("cls_fedavg", tmp_path, num_rounds=5)
     config_path = job / "app" / "config" / "config_fed_server.json"
-    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["path"].endswith(".FedAvg")]
-    assert "num_rounds" not in fedavg["args"]  # NVFlare leaves out its own default
+    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["id"] == "controller"]
+    # NVFlare's exporter leaves out its own default (5); the job writes it explicitly.
+    assert fedavg["path"].endswith(".TimedFedAvg") and fedavg["args"]["num_rounds"] == 5
     _set_rounds(job, 7)
-    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["path"].endswith(".FedAvg")]
+    (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["id"] == "controller"]
     assert fedavg["args"]["num_rounds"] == 7

@@ -39,13 +39,16 @@ def run_protocol(updates: dict[str, np.ndarray], weights: dict[str, float], drop
     total = sum(weights.values())
     masked = {}
     for s in sites:
-        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s}, sites)
+        rounds[s].set_participants(sites)
         vector = rounds[s].mask(updates[s], weights[s] / total)
         if s not in dropped:
             masked[s] = vector
     survivors = [s for s in sites if s not in dropped]
-    revealed = {s: rounds[s].reveal(survivors, list(dropped)) for s in survivors}
-    result = unmask_sum(masked, public, sites, revealed, context)
+    revealed = {}
+    for s in survivors:
+        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s})
+        revealed[s] = rounds[s].reveal(survivors, list(dropped))
+    result = unmask_sum(masked, public, sites, sites, revealed, context)
     expected = sum(weights[s] / total * updates[s] for s in survivors)
     return result, expected, masked
 
@@ -106,7 +109,8 @@ def test_site_refuses_to_reveal_both_shares_of_one_site_or_to_reveal_twice():
     public = {s: rounds[s].advertise() for s in sites}
     outgoing = {s: rounds[s].make_shares(public) for s in sites}
     for s in sites:
-        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s}, sites)
+        rounds[s].set_participants(sites)
+        rounds[s].receive_shares({u: outgoing[u][s] for u in sites if u != s})
     with pytest.raises(SecAggError, match="both surviving and dropped"):
         rounds["site-1"].reveal(["site-1", "site-2", "site-3"], ["site-3"])
     rounds["site-1"].reveal(["site-1", "site-2"], ["site-3"])
@@ -121,12 +125,21 @@ def test_tampered_or_misaddressed_shares_fail_authentication():
     outgoing = {s: rounds[s].make_shares(public) for s in sites}
     blob = bytearray(bytes.fromhex(outgoing["site-2"]["site-1"]))
     blob[-1] ^= 1
+    rounds["site-1"].set_participants(sites)
     with pytest.raises(SecAggError, match="failed authentication"):
-        rounds["site-1"].receive_shares({"site-2": blob.hex(), "site-3": outgoing["site-3"]["site-1"]}, sites)
+        rounds["site-1"].receive_shares({"site-2": blob.hex(), "site-3": outgoing["site-3"]["site-1"]})
     # A share addressed to site-3 does not open at site-1.
     with pytest.raises(SecAggError, match="failed authentication"):
-        rounds["site-1"].receive_shares({"site-2": outgoing["site-2"]["site-3"], "site-3": outgoing["site-3"]["site-1"]},
-                                        sites)
+        rounds["site-1"].receive_shares({"site-2": outgoing["site-2"]["site-3"], "site-3": outgoing["site-3"]["site-1"]})
+
+
+def test_site_refuses_keys_it_did_not_advertise():
+    sites = ["site-1", "site-2", "site-3"]
+    rounds = {s: SiteRound(s, "ctx") for s in sites}
+    public = {s: rounds[s].advertise() for s in sites}
+    public["site-1"] = SiteRound("site-1", "ctx").advertise()  # a server substituting keys
+    with pytest.raises(SecAggError, match="other public keys"):
+        rounds["site-1"].make_shares(public)
 
 
 def test_fewer_than_three_sites_refuse_to_mask():
@@ -201,16 +214,14 @@ def three_kather_sites(tmp_path: Path) -> list[Path]:
 def secure_classification_job(tmp_path: Path, recorder_dir: Path, rounds: int, train_timeout: int = 600,
                               validation_timeout: int | None = None) -> Path:
     spec = json.loads((SPECS / "cls_fedavg.json").read_text())
-    spec["secure_aggregation"] = {"train_timeout_s": train_timeout, "phase_timeout_s": 120}
+    spec["secure_aggregation"] = {"phase_timeout_s": 120}
+    spec["timeouts"] = {"train_s": train_timeout, "validation_s": validation_timeout or 1800}
     job = export_job("cls_secagg", tmp_path / "jobs", num_rounds=rounds, min_clients=3, spec=spec)
     shutil.copy(RECORDER, job / "app" / "custom" / RECORDER.name)
     config_path = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(config_path.read_text())
     config["components"].append({"id": "secagg_recorder", "path": "secagg_recorder.SecAggRecorder",
                                  "args": {"folder": str(recorder_dir)}})
-    for workflow in config["workflows"]:
-        if validation_timeout and workflow["path"].endswith("CrossSiteModelEval"):
-            workflow["args"]["validation_timeout"] = validation_timeout
     config_path.write_text(json.dumps(config, indent=2))
     return job
 

@@ -216,40 +216,58 @@ def run(engine_factory, custom_dir: Path) -> None:
 
 
 class SecureAggregationSite:
-    """This site's side of secure aggregation (``fedimaging_app.secagg``): keys, shares, masking, unmasking."""
+    """This site's side of secure aggregation (``fedimaging_app.secagg``): keys, shares, masking, unmasking.
+
+    It keeps the secrets of at most the current round and the next two (see
+    ``fedimaging_app.secure_workflow`` for which task carries which step).
+    """
 
     TASKS = ("secagg_keys", "secagg_shares", "secagg_unmask")
 
     def __init__(self, site_name: str, engine):
         self.site_name = site_name
         self.engine = engine
-        self.round: SiteRound | None = None
+        self.rounds: dict[str, SiteRound] = {}
 
     def handles(self, task_name: str) -> bool:
         return task_name in self.TASKS
 
-    def _info(self, incoming) -> dict:
+    @staticmethod
+    def _info(incoming) -> dict:
         info = (incoming.meta or {}).get("secagg") if incoming is not None else None
         if not isinstance(info, dict) or not info.get("context"):
             raise SecAggError("the task carries no secure-aggregation data; the job's server and client disagree")
         return info
+
+    def _round(self, context: str) -> SiteRound:
+        if context not in self.rounds:
+            raise SecAggError(f"the server asked about '{context}', for which this site made no keys")
+        return self.rounds[context]
+
+    def _new_round(self, context: str | None) -> dict | None:
+        if not context:
+            return None
+        self.rounds[context] = SiteRound(self.site_name, context)
+        return self.rounds[context].advertise()
 
     def answer(self, task_name: str, incoming):
         import nvflare.client as flare
 
         info = self._info(incoming)
         if task_name == "secagg_keys":
-            self.round = SiteRound(self.site_name, info["context"])
-            reply = {**self.round.advertise(), "n_cases": self.engine.n_training_cases}
-        elif self.round is None or self.round.context != info["context"]:
-            raise SecAggError(f"task {task_name} for '{info['context']}' arrived before this site's key exchange")
+            self.rounds = {}  # a new setup: earlier secrets are never used again
+            reply = {"keys": self._new_round(info["context"]), "next_keys": self._new_round(info.get("next_context")),
+                     "n_cases": self.engine.n_training_cases}
         elif task_name == "secagg_shares":
-            reply = {"shares": self.round.make_shares(info["public_keys"])}
+            reply = {"shares": self._round(info["context"]).make_shares(info["public_keys"])}
         else:
-            reply = {"revealed": self.round.reveal(info["survivors"], info["dropped"])}
+            current = self._round(info["context"])
+            current.receive_shares(info["mailbox"].get(self.site_name, {}))
+            reply = {"revealed": current.reveal(info["survivors"], info["dropped"]),
+                     "next_keys": self._new_round(info.get("next_context")), "n_cases": self.engine.n_training_cases}
+            del self.rounds[info["context"]]
             logger.info("site %s: revealed shares to unmask %s (survivors %s, dropped %s)", self.site_name,
                         info["context"], info["survivors"], info["dropped"])
-            self.round = None
         return flare.FLModel(params={}, meta={"secagg": reply})
 
     def masked_reply(self, model: torch.nn.Module, incoming, metrics: dict):
@@ -257,13 +275,17 @@ class SecureAggregationSite:
         import nvflare.client as flare
 
         info = self._info(incoming)
-        if self.round is None or self.round.context != info["context"]:
-            raise SecAggError("a training task with secure aggregation arrived before this site's key exchange")
         try:
-            self.round.receive_shares(info["mailbox"].get(self.site_name, {}), info["participants"])
+            current = self._round(info["context"])
+            current.set_participants(info["participants"])
+            relayed = {site: keys for site, keys in info["public_keys"].items()}
+            if any(current.public_keys.get(site, {}).get("s_pk", b"").hex() != keys["s_pk"] for site, keys in relayed.items()):
+                raise SecAggError("the keys relayed for training differ from the ones relayed for the shares")
             update = flatten_update(model.state_dict(), incoming.params)
             fraction = self.engine.n_training_cases / float(info["total_weight"])
-            masked = self.round.mask(update, fraction)
+            masked = current.mask(update, fraction)
+            upcoming = info.get("next")
+            next_shares = self._round(upcoming["context"]).make_shares(upcoming["public_keys"]) if upcoming else None
         except SecAggError as error:
             logger.error("site %s: no update sent this round: %s", self.site_name, error)
             return flare.FLModel(params={}, meta={"secagg": {"error": str(error)}})
@@ -282,7 +304,7 @@ class SecureAggregationSite:
 
             time.sleep(float(seconds))
         return flare.FLModel(params={"secagg_masked": torch.from_numpy(masked.view(np.int32))}, metrics=metrics,
-                             meta={"secagg": {"layout": model_layout(incoming.params)},
+                             meta={"secagg": {"layout": model_layout(incoming.params), "next_shares": next_shares},
                                    "NUM_STEPS_CURRENT_ROUND": self.engine.n_training_cases})
 
 

@@ -84,10 +84,32 @@ class SecureAggregationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # A site that has not sent its masked update by then counts as dropped; its masks are recovered.
-    train_timeout_s: int = Field(3600, ge=1)
-    # Limit for the key exchange, share relay and unmask tasks.
+    # Limit for the key exchange, share relay and unmask tasks (training uses timeouts.train_s).
     phase_timeout_s: int = Field(300, ge=1)
+
+
+class HESpec(BaseModel):
+    """NVFlare's homomorphic encryption (TenSEAL CKKS): sites encrypt their weights, the server adds ciphertexts.
+
+    Deployments only: the TenSEAL contexts come from provisioning with NVFlare's HE builder, which the
+    simulator lacks. The global model stays encrypted at the server; a site decrypts it with
+    ``fedimaging he-decrypt``. See docs/homomorphic_encryption.md for the model-size limit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TimeoutSpec(BaseModel):
+    """How long the server waits for sites; a site that has not answered by then is left out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # One round's training at every site; the round goes on with the sites that answered, when they
+    # are at least aggregation.min_valid_replies. Raise it for sites whose rounds take longer.
+    train_s: int = Field(3600, ge=1)
+    # Cross-site evaluation: validating one model at a site, and a site sending its local model.
+    validation_s: int = Field(1800, ge=1)
+    submit_model_s: int = Field(600, ge=1)
 
 
 class JobConfig(BaseModel):
@@ -110,6 +132,9 @@ class JobConfig(BaseModel):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     differential_privacy: PrivacySpec | None = None
     secure_aggregation: SecureAggregationSpec | None = None
+    # NVFlare's HE workflow instead of FedAvg (deployments only); no cross-site evaluation in the job.
+    homomorphic_encryption: HESpec | None = None
+    timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec)
     # NVFlare privacy filters on each site's training result; sites then send weight differences.
     privacy_filters: list[PrivacyFilterSpec] = Field(default_factory=list)
     # Models scored by cross-site evaluation: "global_and_local" also sends each site's local model to
@@ -153,6 +178,8 @@ class JobConfig(BaseModel):
                              "filters would act on masked or already-noised updates; choose one protection")
         if len({f.name for f in self.privacy_filters}) != len(self.privacy_filters):
             raise ValueError("privacy_filters lists the same filter twice")
+        if self.homomorphic_encryption is not None:
+            self._check_homomorphic_encryption()
         protected = [name for name, on in (("secure_aggregation", self.secure_aggregation is not None),
                                            ("differential_privacy", self.differential_privacy is not None)) if on]
         if protected and self.cross_site_models == "global_and_local":
@@ -160,6 +187,24 @@ class JobConfig(BaseModel):
                              "it would send each site's unprotected local model to the other sites; "
                              "use global (or leave cross_site_models out)")
         return self
+
+    def _check_homomorphic_encryption(self) -> None:
+        if self.secure_aggregation is not None:
+            raise ValueError("homomorphic_encryption cannot be combined with secure_aggregation: both hide single "
+                             "updates from the server in different ways and NVFlare's HE workflow replaces the "
+                             "masking workflow; choose one")
+        if self.aggregation.method != "weighted_mean":
+            raise ValueError(f"aggregation.method {self.aggregation.method} cannot be combined with "
+                             "homomorphic_encryption: the server can only add encrypted updates, not sort them for "
+                             "a median or trimmed mean; use weighted_mean")
+        if self.privacy_filters:
+            raise ValueError("privacy_filters cannot be combined with homomorphic_encryption: NVFlare's filters "
+                             "send partial weight differences, which its HE aggregator cannot add to the encrypted "
+                             "global model; remove privacy_filters")
+        if self.cross_site_models is not None:
+            raise ValueError("cross_site_models cannot be set with homomorphic_encryption: NVFlare has no cross-site "
+                             "evaluation for HE jobs; evaluate the decrypted global model with the evaluation job "
+                             "that fedimaging he-decrypt writes (docs/homomorphic_encryption.md)")
 
     @property
     def sends_differences(self) -> bool:
@@ -176,7 +221,8 @@ class JobConfig(BaseModel):
         """Whether cross-site evaluation asks sites for their local models (NVFlare's submit_model task)."""
         if self.cross_site_models is not None:
             return self.cross_site_models == "global_and_local"
-        return self.secure_aggregation is None and self.differential_privacy is None
+        return (self.secure_aggregation is None and self.differential_privacy is None
+                and self.homomorphic_encryption is None)
 
     @property
     def class_names(self) -> list[str]:

@@ -1,23 +1,33 @@
 """FedAvg with pairwise-masking secure aggregation as an NVFlare workflow (server side; no torch import).
 
-Each round runs four NVFlare tasks (see ``fedimaging_app.secagg`` for the protocol):
-``secagg_keys`` (sites send fresh public keys and their case counts), ``secagg_shares`` (sites send
-Shamir shares encrypted to each other; the server relays them), ``train`` (sites train, check and mask
-their weighted update) and ``secagg_unmask`` (survivors reveal the shares the server needs). The
-server never sees a single site's update, only the weighted sum of the survivors' updates.
+The protocol (``fedimaging_app.secagg``) needs, for every round, public keys from every site, then
+secret shares from every site, then the masked updates, then the unmasking shares. To keep rounds
+short, the steps of the next round ride on the tasks of the current one:
+
+- setup (first round, and whenever the set of sites changes): ``secagg_keys`` (keys for this round
+  and the next, case counts) and ``secagg_shares`` (encrypted Shamir shares for this round);
+- ``train``: the global model, this round's participants and keys, and the next round's keys; each
+  site replies with its masked update and its encrypted shares for the next round;
+- ``secagg_unmask``: the survivors, dropped sites and the shares addressed to each site; each site
+  replies with the shares the server needs, and its keys for the round after next.
+
+So a round in steady state costs one task more than plain FedAvg. The server relays keys and
+ciphertexts it cannot read and never sees a single site's update, only the weighted sum of the
+survivors' updates.
 
 What the server can still check: each reply's parameter layout (names and shapes) against the global
 model, the vector length, and the case counts (positive, finite). Sites check their own update before
 masking (finite values, norm bound, fixed-point range). A site whose reply fails a check, or that
-drops after the key exchange, is left out of the sum through share recovery; fewer than the
-threshold (a majority of the round's sites) or fewer than ``min_clients`` survivors fail the round
-with an error instead of producing a wrong model.
+drops after sending its shares, is left out of the sum through share recovery; fewer survivors than
+the threshold (a majority of the round's roster) or than ``min_clients`` fail the round with an error
+instead of producing a wrong model.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from nvflare.apis.fl_constant import FLMetaKey
@@ -36,14 +46,45 @@ MASKED_KEY = "secagg_masked"
 META_KEY = "secagg"
 
 
+@dataclass
+class RoundKeys:
+    """What the server holds about one round before its training: keys, then shares as they arrive."""
+
+    context: str
+    public_keys: dict[str, dict] = field(default_factory=dict)  # the roster's keys
+    weights: dict[str, float] = field(default_factory=dict)
+    mailbox: dict[str, dict[str, str]] = field(default_factory=dict)  # recipient -> sender -> ciphertext
+    shared: list[str] = field(default_factory=list)  # roster sites whose complete shares arrived
+
+    @property
+    def roster(self) -> list[str]:
+        return site_order(self.public_keys)
+
+    def add_shares(self, sender: str, shares) -> bool:
+        """File one site's shares; only a complete set addressed to the rest of the roster counts."""
+        if not isinstance(shares, dict) or set(shares) != set(self.roster) - {sender}:
+            return False
+        for recipient, blob in shares.items():
+            self.mailbox.setdefault(recipient, {})[sender] = blob
+        self.shared.append(sender)
+        return True
+
+
+def _valid_keys(info: dict) -> bool:
+    return isinstance(info, dict) and isinstance(info.get("c_pk"), str) and isinstance(info.get("s_pk"), str)
+
+
+def _valid_weight(weight) -> bool:
+    return isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0
+
+
 class SecureFedAvg(FedAvg):
     """FedAvg whose aggregate is computed from masked updates (Bonawitz et al., CCS 2017).
 
-    Args (besides FedAvg's): ``train_timeout`` seconds to wait for training replies (0: never time
-    out; a site that never answers then stalls the round), ``phase_timeout`` seconds for the key,
-    share and unmask tasks, ``min_clients`` the fewest surviving sites a round accepts (never fewer
-    than the protocol's threshold). A round needs at least 3 participating sites: with 2, each could
-    compute the other's update from the aggregate.
+    Args (besides FedAvg's): ``train_timeout`` seconds to wait for training replies, ``phase_timeout``
+    seconds for the key, share and unmask tasks, ``min_clients`` the fewest surviving sites a round
+    accepts (never fewer than the protocol's threshold). A round needs at least 3 participating sites:
+    with 2, each could compute the other's update from the aggregate.
     """
 
     def __init__(self, *args, train_timeout: int = 3600, phase_timeout: int = 300, min_clients: int = 2, **kwargs):
@@ -53,6 +94,15 @@ class SecureFedAvg(FedAvg):
         self.phase_timeout = int(phase_timeout)
         self.min_clients = int(min_clients)
         self.round_log: list[dict] = []
+        self._current: RoundKeys | None = None  # prepared for the round about to run
+        self._next: RoundKeys | None = None  # keys (and, after training, shares) for the round after
+
+    def _context(self, round_number: int) -> str:
+        job_id = self.fl_ctx.get_job_id() if self.fl_ctx else "job"
+        return f"{job_id}|round {round_number}"
+
+    def _last_round(self) -> int:
+        return self.start_round + self.num_rounds - 1
 
     # ------------------------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -82,9 +132,9 @@ class SecureFedAvg(FedAvg):
                 return
         self.info(center_message("Finished FedAvg with secure aggregation."))
 
-    def _ask(self, task_name: str, meta: dict, targets: list[str], timeout: int, params: dict | None = None,
+    def _ask(self, task_name: str, meta: dict, targets: list[str], timeout: int,
              model: FLModel | None = None) -> dict[str, FLModel]:
-        data = model if model is not None else FLModel(params=params or {}, meta={})
+        data = model if model is not None else FLModel(params={}, meta={})
         data.meta = {**(data.meta or {}), META_KEY: meta}
         results = self.send_model_and_wait(task_name=task_name, data=data, targets=targets, timeout=timeout)
         replies = {}
@@ -94,59 +144,70 @@ class SecureFedAvg(FedAvg):
                 replies[site] = result
         return replies
 
-    def _secure_round(self, model: FLModel, clients: list[str]) -> FLModel:
-        job_id = self.fl_ctx.get_job_id() if self.fl_ctx else "job"
-        context = f"{job_id}|round {self.current_round}"
-        started = time.monotonic()
-        excluded: dict[str, list[str]] = {}
+    @staticmethod
+    def _info(reply: FLModel | None) -> dict:
+        info = ((reply.meta or {}).get(META_KEY) if reply is not None else None) or {}
+        return info if isinstance(info, dict) else {}
 
-        # 1. Keys and case counts.
-        replies = self._ask(KEYS_TASK, {"context": context}, clients, self.phase_timeout)
-        public_keys, weights = {}, {}
+    def _setup(self, clients: list[str], excluded: dict[str, list[str]]) -> RoundKeys:
+        """Key exchange and share relay for the current round (and keys for the next)."""
+        context, next_context = self._context(self.current_round), self._next_context()
+        replies = self._ask(KEYS_TASK, {"context": context, "next_context": next_context}, clients, self.phase_timeout)
+        current, upcoming = RoundKeys(context), RoundKeys(next_context) if next_context else None
         for site in clients:
-            reply = replies.get(site)
-            info = ((reply.meta or {}).get(META_KEY) if reply else None) or {}
-            weight = info.get("n_cases")
-            if reply is None or "c_pk" not in info:
+            info = self._info(replies.get(site))
+            if not _valid_keys(info.get("keys")):
                 excluded[site] = ["no public keys before the timeout"]
                 continue
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-                excluded[site] = [f"case count {weight!r} is not a positive number"]
+            if not _valid_weight(info.get("n_cases")):
+                excluded[site] = [f"case count {info.get('n_cases')!r} is not a positive number"]
                 continue
-            public_keys[site] = {"c_pk": info["c_pk"], "s_pk": info["s_pk"]}
-            weights[site] = float(weight)
-        self._need(len(public_keys), "sites sent public keys", 3)
-
-        # 2. Encrypted shares, relayed.
-        keyed = site_order(public_keys)
-        replies = self._ask(SHARES_TASK, {"context": context, "public_keys": public_keys}, keyed, self.phase_timeout)
-        mailbox: dict[str, dict[str, str]] = {site: {} for site in keyed}
-        participants = []
-        for site in keyed:
-            info = ((replies[site].meta or {}).get(META_KEY) if site in replies else None) or {}
-            shares = info.get("shares")
-            if not isinstance(shares, dict) or set(shares) != set(keyed) - {site}:
+            current.public_keys[site] = info["keys"]
+            current.weights[site] = float(info["n_cases"])
+            if upcoming is not None and _valid_keys(info.get("next_keys")):
+                upcoming.public_keys[site] = info["next_keys"]
+                upcoming.weights[site] = float(info["n_cases"])
+        self._need(len(current.public_keys), "sites sent public keys", 3)
+        replies = self._ask(SHARES_TASK, {"context": context, "public_keys": current.public_keys}, current.roster,
+                            self.phase_timeout)
+        for site in current.roster:
+            if not current.add_shares(site, self._info(replies.get(site)).get("shares")):
                 excluded[site] = ["no complete set of secret shares before the timeout"]
-                continue
-            participants.append(site)
-            for recipient, blob in shares.items():
-                mailbox[recipient][site] = blob
-        self._need(len(participants), "sites sent secret shares", 3)
-        total_weight = sum(weights[s] for s in participants)
+        self._next = upcoming
+        return current
 
-        # 3. Training with masked replies.
+    def _next_context(self, ahead: int = 1) -> str | None:
+        round_number = self.current_round + ahead
+        return self._context(round_number) if round_number <= self._last_round() else None
+
+    def _secure_round(self, model: FLModel, clients: list[str]) -> FLModel:
+        started = time.monotonic()
+        excluded: dict[str, list[str]] = {}
+        context = self._context(self.current_round)
+        current = self._current
+        if current is None or current.context != context or set(current.shared) != set(clients):
+            current = self._setup(clients, excluded)
+        participants = site_order(current.shared)
+        self._need(len(participants), "sites sent secret shares", 3)
+        total_weight = sum(current.weights[s] for s in participants)
+
+        # Training: masked updates back, with shares for the next round.
+        upcoming = self._next if self._next is not None and len(self._next.public_keys) >= 3 else None
         expected_layout = model_layout(model.params)
         n_values = int(sum(np.prod(shape, dtype=np.int64) for _, shape in expected_layout))
-        meta = {"context": context, "participants": participants, "public_keys": {s: public_keys[s] for s in participants},
-                "mailbox": {s: mailbox[s] for s in participants}, "total_weight": total_weight}
+        meta = {"context": context, "participants": participants, "total_weight": total_weight,
+                "public_keys": {s: current.public_keys[s] for s in participants},
+                "next": {"context": upcoming.context, "public_keys": upcoming.public_keys} if upcoming else None}
         replies = self._ask(self.task_name, meta, participants, self.train_timeout, model=model)
         masked, metrics = {}, {}
         for site in participants:
             reply = replies.get(site)
             if reply is None:
-                excluded[site] = ["no masked update before the timeout (dropped after the key exchange)"]
+                excluded[site] = ["no masked update before the timeout (dropped after sending its shares)"]
                 continue
-            info = (reply.meta or {}).get(META_KEY) or {}
+            info = self._info(reply)
+            if upcoming is not None:
+                upcoming.add_shares(site, info.get("next_shares"))
             vector = (reply.params or {}).get(MASKED_KEY)
             problems = []
             if info.get("error"):
@@ -168,20 +229,24 @@ class SecureFedAvg(FedAvg):
         for site, reasons in excluded.items():
             self.warning(f"excluded {site} from round {self.current_round}: {'; '.join(reasons)}")
         survivors = site_order(masked)
-        self._need(len(survivors), "sites sent valid masked updates", threshold_for(len(participants)))
+        self._need(len(survivors), "sites sent valid masked updates", threshold_for(len(current.roster)))
         dropped = [s for s in participants if s not in masked]
 
-        # 4. Unmask.
-        replies = self._ask(UNMASK_TASK, {"context": context, "survivors": survivors, "dropped": dropped},
-                            survivors, self.phase_timeout)
-        revelations = {}
+        # Unmask; sites also send their keys for the round after next.
+        after_next = self._next_context(2)
+        replies = self._ask(UNMASK_TASK, {"context": context, "survivors": survivors, "dropped": dropped,
+                                          "mailbox": {s: current.mailbox.get(s, {}) for s in survivors},
+                                          "next_context": after_next}, survivors, self.phase_timeout)
+        revelations, following = {}, RoundKeys(after_next) if after_next else None
         for site, reply in replies.items():
-            info = (reply.meta or {}).get(META_KEY) or {}
+            info = self._info(reply)
             if isinstance(info.get("revealed"), dict):
                 revelations[site] = info["revealed"]
-        weighted_sum = unmask_sum(masked, {s: public_keys[s] for s in participants}, participants, revelations,
-                                  context)
-        surviving_weight = sum(weights[s] for s in survivors)
+            if following is not None and _valid_keys(info.get("next_keys")) and _valid_weight(info.get("n_cases")):
+                following.public_keys[site] = info["next_keys"]
+                following.weights[site] = float(info["n_cases"])
+        weighted_sum = unmask_sum(masked, current.public_keys, current.roster, participants, revelations, context)
+        surviving_weight = sum(current.weights[s] for s in survivors)
         mean_update = weighted_sum * (total_weight / surviving_weight)
 
         params, offset = {}, 0
@@ -191,12 +256,12 @@ class SecureFedAvg(FedAvg):
             new = base.astype(np.float64) + mean_update[offset:offset + size].reshape(base.shape)
             params[name] = new.astype(base.dtype) if np.issubdtype(base.dtype, np.floating) else np.rint(new).astype(base.dtype)
             offset += size
+        self._current, self._next = upcoming, following
         self.round_log.append({"round": self.current_round, "participants": participants, "survivors": survivors,
                                "dropped": dropped, "seconds": time.monotonic() - started})
         self.info(f"round {self.current_round}: unmasked the weighted sum of {len(survivors)} sites "
                   f"({', '.join(survivors)}); left out: {', '.join(dropped) or 'none'}")
-        aggregated_metrics = _weighted_metrics(metrics, weights)
-        return FLModel(params=params, params_type=ParamsType.FULL, metrics=aggregated_metrics,
+        return FLModel(params=params, params_type=ParamsType.FULL, metrics=_weighted_metrics(metrics, current.weights),
                        meta={"fedimaging_excluded_sites": excluded, "nr_aggregated": len(survivors),
                              "current_round": self.current_round, FLMetaKey.NUM_STEPS_CURRENT_ROUND: surviving_weight})
 

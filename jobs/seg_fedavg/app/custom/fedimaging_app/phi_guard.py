@@ -32,7 +32,7 @@ ALLOWED_META_KEYS = frozenset({
     "fedimaging_metrics", "task", "primary_metric", "metrics", "n_cases", "n_patients", "status", "reason",
     "note", "manifest_sha256", "site_config_sha256", "job_config_sha256", "seed", "versions",
     "differential_privacy", "fedproxMu", "fedprox_mu", "learning_rate", "start_round", "validate_type",
-    "processed_algorithm", "pt_meta", "exchange_format", "data_kind",
+    "processed_algorithm", "pt_meta", "exchange_format", "data_kind", "filter_history",
 })
 SKIPPED_TYPES = (int, float, bool, type(None), complex)
 

@@ -1,22 +1,28 @@
 """Pairwise-masking secure aggregation after Bonawitz et al., CCS 2017 (numpy, ``cryptography``, PyCryptodome).
 
-One round, for the participating sites P (at least 3) and threshold t = floor(|P| / 2) + 1:
+One round, for a roster of at least 3 sites and threshold t = floor(|roster| / 2) + 1:
 
 1. Keys. Each site makes two fresh X25519 key pairs for the round: ``c`` (to encrypt secret shares to
    other sites) and ``s`` (to agree pairwise mask seeds), plus a random 16-byte self-mask seed ``b``.
-   It sends only the public keys; the server relays them to every site.
-2. Shares. Each site splits its ``s`` private key and ``b`` into |P| Shamir shares with threshold t
-   (PyCryptodome's ``Shamir`` over GF(2^128)) and encrypts share j for site j with AES-GCM under a key
-   derived from the ``c`` key agreement. The server relays ciphertexts it cannot read.
-3. Masked update. Each site encodes its weighted update (w_u / W) * (theta_u - theta_global) as 32-bit
-   fixed point, adds the ChaCha20 stream of its self seed and, for every other site v, adds (u < v)
-   or subtracts (u > v) the ChaCha20 stream of the pairwise seed agreed with v. Pairwise streams cancel
-   in the sum; the server sees only uniformly random vectors.
-4. Unmask. The server names the survivors U (masked updates received) and the dropped sites D. Each
-   survivor reveals, for every site of U, its share of that site's self seed and, for every site of D,
-   its share of that site's ``s`` private key, never both for one site. With t shares the server
-   removes the self masks of U and the pairwise masks between D and U, and obtains the weighted sum
-   of the survivors' updates, nothing else. Fewer than t survivors fail the round.
+   It sends only the public keys; the server relays them to every site. The roster is the sites
+   whose keys arrived.
+2. Shares. Each site splits its ``s`` private key and ``b`` into |roster| Shamir shares with threshold
+   t (PyCryptodome's ``Shamir`` over GF(2^128)) and encrypts share j for site j with AES-GCM under a
+   key derived from the ``c`` key agreement. The server keeps the ciphertexts, which it cannot read.
+   The participants are the roster sites whose shares arrived.
+3. Masked update. Each participant encodes its weighted update (w_u / W) * (theta_u - theta_global)
+   as 32-bit fixed point, adds the ChaCha20 stream of its self seed and, for every other participant
+   v, adds (u < v) or subtracts (u > v) the ChaCha20 stream of the pairwise seed agreed with v.
+   Pairwise streams cancel in the sum; the server sees only uniformly random vectors.
+4. Unmask. The server names the survivors U (masked updates received) and the dropped participants
+   D, and hands each survivor the shares addressed to it. Each survivor reveals, for every site of U,
+   its share of that site's self seed and, for every site of D, its share of that site's ``s``
+   private key, never both for one site. With t shares the server removes the self masks of U and the
+   pairwise masks between D and U, and obtains the weighted sum of the survivors' updates, nothing
+   else. Fewer than t survivors fail the round.
+
+``fedimaging_app.secure_workflow`` runs steps 1 and 2 of the next round alongside steps 3 and 4 of the
+current one, so that a round costs one NVFlare task more than plain FedAvg.
 
 The server never holds a surviving site's private key or pairwise seed; it reconstructs the per-round
 mask key of a site that dropped after sending its shares, whose update is not in the aggregate. Key
@@ -150,13 +156,19 @@ def decode(ring: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- site side
 @dataclass
 class SiteRound:
-    """One site's secrets and state for one round; never leaves the site."""
+    """One site's secrets and state for one round; never leaves the site.
+
+    ``roster``: the sites whose keys the server relayed for the round (Shamir indices and threshold
+    come from it); ``participants``: the roster sites whose shares reached the server in time, the
+    sites this one masks with.
+    """
 
     site: str
     context: str
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     self_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES))
+    roster: list[str] = field(default_factory=list)
     participants: list[str] = field(default_factory=list)
     public_keys: dict = field(default_factory=dict)
     threshold: int = 0
@@ -168,20 +180,22 @@ class SiteRound:
         return {"c_pk": public_bytes(self.c_key).hex(), "s_pk": public_bytes(self.s_key).hex()}
 
     def make_shares(self, public_keys: dict[str, dict]) -> dict[str, str]:
-        """Encrypted Shamir shares of this site's ``s`` key and self seed, one per participant (hex)."""
+        """Encrypted Shamir shares of this site's ``s`` key and self seed, one per roster site (hex)."""
         if self.site not in public_keys:
             raise SecAggError(f"the server's key list for this round omits this site ({self.site})")
+        if public_keys[self.site] != self.advertise():
+            raise SecAggError("the server relayed other public keys for this site than the ones it advertised")
         if len(public_keys) < 3:
             raise SecAggError(f"secure aggregation needs at least 3 sites in a round; the server listed {len(public_keys)}")
         self.public_keys = {k: {"c_pk": bytes.fromhex(v["c_pk"]), "s_pk": bytes.fromhex(v["s_pk"])}
                             for k, v in public_keys.items()}
-        self.participants = site_order(public_keys)
-        n = len(self.participants)
+        self.roster = site_order(public_keys)
+        n = len(self.roster)
         self.threshold = threshold_for(n)
         s_shares = split_secret(private_bytes(self.s_key), self.threshold, n)
         b_shares = split_secret(self.self_seed, self.threshold, n)
         out = {}
-        for j, recipient in enumerate(self.participants):
+        for j, recipient in enumerate(self.roster):
             payload = _pack({"s": s_shares[j], "b": b_shares[j]})
             if recipient == self.site:
                 self.held_shares[self.site] = _unpack(payload)
@@ -192,16 +206,23 @@ class SiteRound:
             out[recipient] = (nonce + AESGCM(key).encrypt(nonce, payload, aad)).hex()
         return out
 
-    def receive_shares(self, encrypted: dict[str, str], participants: list[str]) -> None:
-        """Decrypt the shares other sites addressed to this site; ``participants`` are the round's sites."""
-        missing = [s for s in participants if s != self.site and s not in encrypted]
+    def set_participants(self, participants: list[str]) -> None:
+        """Fix the sites this one masks with: roster sites whose shares the server holds."""
+        if not self.roster:
+            raise SecAggError("this site has not shared its keys for the round")
+        if self.site not in participants or not set(participants) <= set(self.roster):
+            raise SecAggError("the server's participant list is not a part of the round's roster with this site in it")
+        if len(participants) < 3:
+            raise SecAggError("the round has fewer than 3 participants; masking would not hide an update")
+        self.participants = site_order(participants)
+
+    def receive_shares(self, encrypted: dict[str, str]) -> None:
+        """Decrypt the shares the round's participants addressed to this site."""
+        missing = [s for s in self.participants if s != self.site and s not in encrypted]
         if missing:
             raise SecAggError(f"no secret shares reached {self.site} from {missing}")
-        if not set(participants) <= set(self.participants):
-            raise SecAggError("the server's participant list names sites that did not take part in the key exchange")
-        self.participants = site_order(participants)
-        for sender in participants:
-            if sender == self.site:
+        for sender in self.participants:
+            if sender == self.site or sender in self.held_shares:
                 continue
             blob = bytes.fromhex(encrypted[sender])
             key = _share_key(self.c_key, self.public_keys[sender]["c_pk"], self.context, sender, self.site)
@@ -244,8 +265,8 @@ class SiteRound:
         overlap = set(survivors) & set(dropped)
         if overlap:
             raise SecAggError(f"the server named {sorted(overlap)} both surviving and dropped; refusing to reveal")
-        if not (set(survivors) | set(dropped)) <= set(self.participants):
-            raise SecAggError("the server named sites that are not participants of this round")
+        if set(survivors) | set(dropped) != set(self.participants):
+            raise SecAggError("the server's survivors and dropped sites are not the round's participants")
         if len(survivors) < self.threshold:
             raise SecAggError(f"only {len(survivors)} surviving sites, fewer than the threshold {self.threshold}")
         self.revealed = True
@@ -278,15 +299,16 @@ def _share_from_hex(share: list[list]) -> list[tuple[int, bytes]]:
 
 
 # --------------------------------------------------------------------------------------- server side
-def unmask_sum(masked: dict[str, np.ndarray], public_keys: dict[str, dict], participants: list[str],
-               revelations: dict[str, dict[str, dict]], context: str) -> np.ndarray:
+def unmask_sum(masked: dict[str, np.ndarray], public_keys: dict[str, dict], roster: list[str],
+               participants: list[str], revelations: dict[str, dict[str, dict]], context: str) -> np.ndarray:
     """Remove all masks from the survivors' masked vectors; return their weighted sum as float64.
 
-    ``masked`` maps each survivor to its masked vector; ``revelations`` maps each revealing survivor
-    to what ``SiteRound.reveal`` returned. Raises ``SecAggError`` when too few shares arrived.
+    ``roster`` gives the Shamir threshold, ``participants`` the sites that masked with each other;
+    ``masked`` maps each survivor to its masked vector; ``revelations`` maps each revealing survivor to
+    what ``SiteRound.reveal`` returned. Raises ``SecAggError`` when too few shares arrived.
     """
     participants = site_order(participants)
-    threshold = threshold_for(len(participants))
+    threshold = threshold_for(len(roster))
     survivors = site_order(masked)
     dropped = [s for s in participants if s not in masked]
     if len(survivors) < threshold:
