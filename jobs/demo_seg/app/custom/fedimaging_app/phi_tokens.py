@@ -4,7 +4,7 @@ Preparation (``fedimaging prepare``) records every identifier it meets (patient 
 accession numbers, dates of birth, institution names, identifying slide properties and slide file
 names) in ``phi_identifiers.json`` inside the prepared folder, as HMAC-SHA256 digests under the site's
 pseudonym key. At training time the guard hashes the tokens of every outgoing string the same way and
-blocks a message on any match. The file holds no identifier in clear text.
+blocks a message on any match. The file contains no identifier in clear text.
 
 Matching rule, applied identically when recording and when checking:
 
@@ -52,8 +52,8 @@ COMMON_WORDS = frozenset("""
 
 KINDS = ("patient_name", "patient_id", "accession_number", "birth_date", "institution", "slide_property",
          "file_name")
-# Kinds whose single words identify a person; for the others (institution names, slide properties, file
-# names) only the whole value counts, since their single words ("small", "region") are ordinary.
+# Kinds whose single words identify a person. For the other kinds (institution names, slide properties,
+# file names) only the whole value counts, because their single words ("small", "region") are ordinary.
 TOKEN_KINDS = frozenset({"patient_name", "patient_id", "accession_number"})
 
 _TOKEN = re.compile(r"[a-z0-9]+")

@@ -86,7 +86,7 @@ def find_identifier(value, identifiers: IdentifierList, where: str = "message", 
 
 
 def check_outgoing(message, identifiers: IdentifierList, meta: dict | None = None, what: str = "message") -> None:
-    """Raise ``PHILeakError`` when ``message`` holds an identifier or ``meta`` a key off the allow-list."""
+    """Raise ``PHILeakError`` when ``message`` contains an identifier or ``meta`` a key off the allow-list."""
     unknown = sorted(k for k in (meta or {}) if isinstance(k, str) and not k.startswith("__")
                      and k not in ALLOWED_META_KEYS)
     if unknown:
@@ -122,7 +122,7 @@ _installed: dict = {}
 
 
 def install_log_guard(identifiers: IdentifierList) -> None:
-    """Replace every later log record that holds an identifier with a notice (whole process)."""
+    """Replace every later log record that contains an identifier with a notice (whole process)."""
     _installed["identifiers"] = identifiers
     if _installed.get("factory"):
         return
@@ -156,7 +156,7 @@ except ImportError:  # lets the scanning functions be used where NVFlare is not 
 
 
 class PHIGuardFilter(_NVFlareFilter):
-    """NVFlare task result filter: refuse to send a result that holds one of this site's identifiers."""
+    """NVFlare task result filter: reject a result that contains one of this site's identifiers."""
 
     def __init__(self):
         super().__init__()

@@ -1,4 +1,4 @@
-"""FedAvg that stops waiting for sites that do not answer (server side; no torch import).
+"""FedAvg that stops waiting for sites that do not reply (server side; no torch import).
 
 NVFlare's FedAvg controller sends each round's training task without a timeout and waits for every
 site, so one site that stops stalls the job for ever. ``TimedFedAvg`` waits at most ``train_timeout``
@@ -13,8 +13,12 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 
 
 class TimedFedAvg(FedAvg):
-    """NVFlare's FedAvg with a training timeout; ``min_clients`` replies let a round finish early only
-    when every other site has answered or the timeout has passed."""
+    """NVFlare's FedAvg with a training timeout.
+
+    A round ends when every site has replied or ``train_timeout`` seconds have passed, whichever comes
+    first. ``min_clients`` is the fewest replies the controller accepts; the aggregator's own minimum
+    decides whether the round's replies are enough.
+    """
 
     def __init__(self, *args, train_timeout: int = 3600, min_clients: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
