@@ -149,12 +149,18 @@ class LocalDeployment:
         self.processes[name] = started
         return started
 
-    def start_server(self, kit: Path, netns: str | None = None) -> KitProcess:
+    def start_server(self, kit: Path, netns: str | None = None,
+                     environment: dict[str, str] | None = None) -> KitProcess:
+        """Start a server kit; ``environment`` adds variables for the server only (NVFlare reads
+        ``NVFLARE_<SETTING>`` variables, for example ``NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT``).
+
+        Starting a kit whose earlier process was stopped restarts it with the same storage and log file.
+        """
         kit = Path(kit).resolve()
         use_kit_storage(kit)
         command = [sys.executable, "-u", "-m", SERVER_MODULE, "-m", str(kit), "-s", "fed_server.json",
                    "--set", "secure_train=true", f"org={certificate_org(kit)}", "config_folder=config"]
-        return self._start(kit.name, kit, command, netns, None)
+        return self._start(kit.name, kit, command, netns, environment)
 
     def start_client(self, kit: Path, site_config: Path | None = None, netns: str | None = None,
                      name: str | None = None, environment: dict[str, str] | None = None) -> KitProcess:
@@ -192,6 +198,11 @@ class LocalDeployment:
                 except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
                     continue
         return list(found.values())
+
+    def job_processes(self, name: str) -> list[psutil.Process]:
+        """Return the live NVFlare job processes of kit ``name``: every process below its parent process."""
+        kit_process = self.processes[name].process
+        return [process for process in self.tagged_processes(name) if process.pid != kit_process.pid]
 
     def kill(self, name: str) -> None:
         """Kill kit ``name`` and its job processes at once (SIGKILL), as a crash would."""
