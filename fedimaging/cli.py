@@ -237,6 +237,43 @@ def _run_bundle(args) -> int:
     return 0
 
 
+def _add_he_decrypt(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "he-decrypt",
+        help="at a site: decrypt the global model of a homomorphic-encryption job and write its evaluation job",
+        description="Decrypt the final global model of a downloaded HE job result with this site's TenSEAL context "
+        "(KIT/startup/client_context.tenseal). Writes OUT/FL_global_model.pt and OUT/<job>_eval/, a plaintext job "
+        "that runs cross-site evaluation of that model at every site; submit it, download its result, then run "
+        "fedimaging report and fedimaging bundle on that result. Run it from the repository root.",
+    )
+    parser.add_argument("result", type=Path, metavar="RESULT", help="unpacked result of the HE job")
+    parser.add_argument("--kit", type=Path, required=True, metavar="SITE_KIT", help="this site's startup kit folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="folder to write into")
+    parser.add_argument("--sites", type=int, metavar="N", help="number of sites the evaluation job waits for "
+                        "(default: the job's own, 3)")
+    parser.add_argument("--no-eval-job", action="store_true", help="write only the decrypted model")
+    parser.set_defaults(handler=_run_he_decrypt)
+
+
+def _run_he_decrypt(args) -> int:
+    try:
+        from fedimaging.he_decrypt import HEDecryptError, decrypt_global_model
+    except ImportError as exc:  # tenseal is an optional extra
+        print(f"fedimaging he-decrypt: error: {exc}; install the extra: pip install -e '.[he]'", file=sys.stderr)
+        return 2
+    try:
+        decrypted = decrypt_global_model(args.result, args.kit, args.out, eval_job=not args.no_eval_job,
+                                         n_sites=args.sites)
+    except (HEDecryptError, ImportError) as exc:
+        print(f"fedimaging he-decrypt: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"decrypted {decrypted.n_encrypted} of {decrypted.n_tensors} tensors: {decrypted.model_file}")
+    if decrypted.eval_job is not None:
+        print(f"evaluation job: {decrypted.eval_job} (submit it as the lead researcher, download its result, then "
+              "fedimaging report RESULT and fedimaging bundle RESULT)")
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -287,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(commands)
     _add_report(commands)
     _add_bundle(commands)
+    _add_he_decrypt(commands)
     _add_demo(commands)
     _add_deploy_commands(commands)
     return parser

@@ -91,6 +91,20 @@ def _train_every_site(job_dir: Path, n_sites: int) -> None:
     meta_path.write_text(json.dumps(meta, indent=4))
 
 
+def _refuse_homomorphic_encryption(job: Path) -> None:
+    """HE jobs need the TenSEAL contexts that provisioning with the HE builder puts into startup kits."""
+    job_config = job / "app" / "custom" / "fedimaging_job.json"
+    try:
+        uses_he = json.loads(job_config.read_text()).get("homomorphic_encryption") is not None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        uses_he = False
+    if uses_he:
+        raise SimulationError(f"{job}: this job uses homomorphic_encryption, which runs on deployments only: the "
+                              "simulator has no TenSEAL contexts (NVFlare's HE recipe refuses it). Provision with "
+                              "'fedimaging provision --he' and submit the job (docs/homomorphic_encryption.md), or "
+                              "simulate the same spec without homomorphic_encryption")
+
+
 def check_outcome(workspace: Path) -> SimulationResult:
     """Raise ``SimulationError`` unless the final global model and cross-site results exist."""
     server_dirs = list(workspace.glob("**/server/simulate_job"))
@@ -120,6 +134,7 @@ def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | N
     job = job.resolve()
     if not (job / "meta.json").is_file():
         raise SimulationError(f"{job}: not an NVFlare job folder (no meta.json); pass a folder from jobs/")
+    _refuse_homomorphic_encryption(job)
     sites = _load_sites(site_files)
     workspace = workspace.resolve()
     if workspace.exists() and any(workspace.iterdir()):
