@@ -13,7 +13,8 @@ spends it (a wait, not CPU work, because simulated sites share this machine's co
 not). Masking runs through the product's own site code.
 
 Round time: from the server's round start to the end of its aggregation, averaged over rounds 1 and
-later (round 0 includes start-up). Bytes: the serialized size of every message in round 0, to and
+later (round 0 includes start-up); with ``--repeats``, the median over runs that alternate plain and
+masked, so that changing load on a shared machine falls on both. Bytes: the serialized size of every message in round 0, to and
 from each site, counted on the server (``bench_probe.ByteCounter``); later rounds are not counted so
 the count does not slow the timed rounds. Cross-site evaluation and the PHI guard are left out of
 both runs (the guard costs the same in both). Everything is written to a temporary folder.
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--params", type=float, nargs="+", default=[5e6, 3e7], help="model sizes (values)")
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 8], help="numbers of simulated sites")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each mode, alternating plain and masked; the median round time is kept")
     parser.add_argument("--train-seconds", type=float, nargs="+", default=[0.0],
                         help="local training time each site waits per round (default 0)")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON")
@@ -133,10 +136,17 @@ def main(argv=None) -> int:
     for train_seconds in args.train_seconds:
         for n_params in [int(p) for p in args.params]:
             for n_sites in args.sites:
+                runs = {"plain": [], "masked": []}
+                for _ in range(args.repeats):
+                    for mode in ("plain", "masked"):
+                        with tempfile.TemporaryDirectory(prefix=f"secagg_{mode}_") as scratch:
+                            runs[mode].append(run_once(Path(scratch), mode, n_params, n_sites, args.rounds,
+                                                       train_seconds))
                 figures = {}
-                for mode in ("plain", "masked"):
-                    with tempfile.TemporaryDirectory(prefix=f"secagg_{mode}_") as scratch:
-                        figures[mode] = run_once(Path(scratch), mode, n_params, n_sites, args.rounds, train_seconds)
+                for mode, results in runs.items():
+                    figures[mode] = dict(results[0])
+                    figures[mode]["round_seconds"] = statistics.median(r["round_seconds"] for r in results)
+                    figures[mode]["round_seconds_runs"] = [r["round_seconds"] for r in results]
                 row = {"train_seconds": train_seconds, "params": n_params, "sites": n_sites,
                        **{f"{m}_{k}": v for m in figures for k, v in figures[m].items()}}
                 row["time_ratio"] = figures["masked"]["round_seconds"] / figures["plain"]["round_seconds"]

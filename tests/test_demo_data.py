@@ -296,3 +296,77 @@ def test_pathology_regenerates_identical_files(tmp_path):
     other_seed = generate_pathology_site(tmp_path / "c", site_index=1, n_slides=1, seed=SEED + 1)
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
     assert Path(first["slides"][0]["slide"]).read_bytes() != Path(other_seed["slides"][0]["slide"]).read_bytes()
+
+
+STRONG_SITES = 4
+
+
+@pytest.fixture(scope="module")
+def strong_radiology(tmp_path_factory):
+    """Four sites of the strong variation, one small case each, prepared with ``prepare dicom``."""
+    root = tmp_path_factory.mktemp("strong")
+    sites = []
+    for site_index in range(STRONG_SITES):
+        summary = generate_radiology_site(root / f"site-{site_index + 1}", site_index=site_index, n_cases=1,
+                                          seed=SEED, image_size=96, n_slices=32, variation="strong")
+        out = root / f"prepared-{site_index + 1}"
+        manifest = prepare_dicom(PrepareOptions(source=Path(summary["dicom"]), out=out,
+                                                labels=Path(summary["labels"]), key_file=root / "site.key"))
+        sites.append((summary, manifest, out))
+    return sites
+
+
+def test_strong_variation_gives_each_site_own_appearance(strong_radiology):
+    appearances = [summary["appearance"] for summary, _, _ in strong_radiology]
+    assert all(appearance is not None for appearance in appearances)
+    # The fourth site is not a repeat of the first, although its DICOM profile is.
+    keys = {(a["phase"], a["pixel_spacing_mm"], a["slice_thickness_mm"], a["noise_sigma_hu"]) for a in appearances}
+    assert len(keys) == STRONG_SITES
+    liver_hu = [summary["expected_hu"]["liver"] for summary, _, _ in strong_radiology[:3]]
+    assert max(liver_hu) - min(liver_hu) >= 50.0, liver_hu
+    assert strong_radiology[0][0]["profile"]["manufacturer"] == strong_radiology[3][0]["profile"]["manufacturer"]
+
+
+def test_strong_variation_lesion_contrast_follows_phase(strong_radiology):
+    """Arterial-phase lesions are brighter than their liver, the other phases' lesions darker."""
+    from scipy.ndimage import binary_erosion
+
+    for summary, manifest, out in strong_radiology:
+        (case,) = manifest["cases"]
+        image = np.asarray(nib.load(out / case["image"]).dataobj).astype(np.float64)
+        labels = np.asarray(nib.load(out / case["label"]).dataobj)
+        values = summary["label_values"]
+        where = (summary["site_name"], summary["appearance"]["phase"])
+        lesion = labels == values["lesion"]
+        # In-plane erosion keeps the liver's edge, which the kernel blur mixes with fat and soft tissue, out
+        # of the mean. Thick slices at some sites leave too few slices to erode along z as well.
+        liver_core = binary_erosion(labels == values["liver"], structure=np.ones((3, 3, 1), dtype=bool), iterations=2)
+        assert lesion.sum() >= 20, where
+        assert liver_core.sum() >= 50, where
+        expected = summary["expected_hu"]
+        assert abs(image[liver_core].mean() - expected["liver"]) <= 10.0, where
+        if expected["lesion"] > expected["liver"]:
+            assert image[lesion].mean() > image[liver_core].mean() + 20.0, where
+        else:
+            assert image[lesion].mean() < image[liver_core].mean() - 20.0, where
+
+
+def test_strong_variation_regenerates_identical_files(tmp_path):
+    for run in ("a", "b"):
+        generate_radiology_site(tmp_path / run, site_index=4, n_cases=1, seed=SEED, image_size=48, n_slices=16,
+                                variation="strong")
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
+
+
+def test_demo_variation_is_default(tmp_path):
+    default = generate_radiology_site(tmp_path / "default", site_index=1, n_cases=1, seed=SEED, image_size=48,
+                                      n_slices=16)
+    explicit = generate_radiology_site(tmp_path / "demo", site_index=1, n_cases=1, seed=SEED, image_size=48,
+                                       n_slices=16, variation="demo")
+    assert default["appearance"] is None
+    assert file_digests(tmp_path / "default") == file_digests(tmp_path / "demo")
+
+
+def test_radiology_rejects_unknown_variation(tmp_path):
+    with pytest.raises(ValueError, match="variation"):
+        generate_radiology_site(tmp_path, site_index=0, n_cases=1, seed=SEED, variation="extreme")

@@ -22,6 +22,12 @@ unsigned storage, transfer syntax (uncompressed, RLE Lossless, JPEG 2000 Lossles
 and noise level. Instance 1 is the most superior slice at head-first sites and the most inferior at
 feet-first sites.
 
+``variation="strong"`` (used by the federated-versus-pooled benchmark, not by ``fedimaging demo``)
+adds the differences that make a model trained at one hospital fail at another (``SiteAppearance``):
+contrast phase (liver, lesion and aorta HU), reconstruction kernel blur, a wider range of spacings
+and noise levels, patient size, and larger lesions. Every ``site_index`` gets its own appearance:
+the first three are fixed, later ones are drawn from a generator seeded by the site index.
+
 All identifiers are made up (``DEMO^SITE1^CASE001``). UIDs come from pydicom's ``generate_uid`` with
 entropy from the seed, so the same arguments give byte-identical files with the same versions of
 pydicom, its encoders and nibabel.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import datetime
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -106,6 +112,82 @@ def site_profile(site_index: int) -> SiteProfile:
     return SITE_PROFILES[site_index % len(SITE_PROFILES)]
 
 
+VARIATIONS = ("demo", "strong")
+
+
+@dataclass(frozen=True)
+class SiteAppearance:
+    """Image appearance of one site: contrast phase, reconstruction, population and lesion size.
+
+    ``tissue_hu`` contains the nominal HU of the enhancing tissues (liver, lesion, aorta) before the
+    site's ``hu_shift``; other tissues keep ``TISSUE_HU``. ``blur_sigma_mm`` is the Gaussian standard
+    deviation of the reconstruction kernel (in-plane, through-plane). ``anatomy_scale`` scales the body
+    and its organs relative to the field of view, and ``lesion_radius`` is the range of lesion radii as
+    fractions of the reference field of view.
+    """
+
+    phase: str
+    tissue_hu: tuple[tuple[str, float], ...]
+    pixel_spacing_mm: float
+    slice_thickness_mm: float
+    hu_shift: float
+    noise_sigma_hu: float
+    blur_sigma_mm: tuple[float, float]
+    anatomy_scale: float
+    lesion_radius: tuple[float, float]
+
+
+DEMO_APPEARANCE_LESION_RADIUS = (0.035, 0.06)
+# The three contrast phases of the strong variation. Arterial-phase lesions enhance above the liver
+# (as hepatocellular carcinoma does), portal-venous and unenhanced lesions stay below it.
+_PHASE_HU = {
+    "arterial": {"liver": 70.0, "lesion": 150.0, "aorta": 320.0},
+    "portal venous": {"liver": 125.0, "lesion": 50.0, "aorta": 170.0},
+    "unenhanced": {"liver": 60.0, "lesion": 5.0, "aorta": 45.0},
+}
+STRONG_APPEARANCES = (
+    SiteAppearance(phase="arterial", tissue_hu=tuple(_PHASE_HU["arterial"].items()), pixel_spacing_mm=0.7,
+                   slice_thickness_mm=1.5, hu_shift=0.0, noise_sigma_hu=8.0, blur_sigma_mm=(0.0, 0.0),
+                   anatomy_scale=1.0, lesion_radius=(0.07, 0.1)),
+    SiteAppearance(phase="portal venous", tissue_hu=tuple(_PHASE_HU["portal venous"].items()), pixel_spacing_mm=1.0,
+                   slice_thickness_mm=3.0, hu_shift=25.0, noise_sigma_hu=20.0, blur_sigma_mm=(0.8, 1.2),
+                   anatomy_scale=1.12, lesion_radius=(0.07, 0.1)),
+    SiteAppearance(phase="unenhanced", tissue_hu=tuple(_PHASE_HU["unenhanced"].items()), pixel_spacing_mm=1.4,
+                   slice_thickness_mm=5.0, hu_shift=-30.0, noise_sigma_hu=30.0, blur_sigma_mm=(1.2, 2.0),
+                   anatomy_scale=0.85, lesion_radius=(0.07, 0.1)),
+)
+
+
+def site_appearance(site_index: int, variation: str) -> SiteAppearance | None:
+    """Return the strong-variation appearance of a site, or None for the demo's variation.
+
+    Sites 0 to 2 get ``STRONG_APPEARANCES``. Later sites mix the three phases with weights, spacings,
+    noise, blur and size drawn from a generator seeded by ``site_index``, so each site differs.
+    """
+    if variation not in VARIATIONS:
+        raise ValueError(f"invalid variation {variation!r}: use one of {', '.join(VARIATIONS)}")
+    if variation == "demo":
+        return None
+    if site_index < len(STRONG_APPEARANCES):
+        return STRONG_APPEARANCES[site_index]
+    rng = np.random.default_rng(np.random.SeedSequence([20240917, site_index]))
+    weights = rng.dirichlet(np.full(len(_PHASE_HU), 0.5))
+    mixed = {tissue: round(float(sum(w * hu[tissue] for w, hu in zip(weights, _PHASE_HU.values()))), 1)
+             for tissue in ("liver", "lesion", "aorta")}
+    if abs(mixed["lesion"] - mixed["liver"]) < 40.0:
+        # A lesion within 40 HU of its liver is hardly visible at these noise levels, so it is kept hypodense.
+        mixed["lesion"] = mixed["liver"] - 45.0
+    phase = max(zip(weights, _PHASE_HU), key=lambda pair: pair[0])[1]
+    return SiteAppearance(
+        phase=f"mostly {phase}", tissue_hu=tuple(mixed.items()),
+        pixel_spacing_mm=float(rng.choice([0.7, 0.8, 1.0, 1.2, 1.4])),
+        slice_thickness_mm=float(rng.choice([1.5, 2.0, 3.0, 5.0])),
+        hu_shift=round(float(rng.uniform(-30.0, 30.0)), 1), noise_sigma_hu=round(float(rng.uniform(5.0, 30.0)), 1),
+        blur_sigma_mm=(round(float(rng.uniform(0.0, 1.2)), 2), round(float(rng.uniform(0.0, 2.0)), 2)),
+        anatomy_scale=round(float(rng.uniform(0.85, 1.12)), 3), lesion_radius=(0.07, 0.1),
+    )
+
+
 @dataclass(frozen=True)
 class _Phantom:
     """Shape parameters of one case in patient coordinates (LPS, mm)."""
@@ -130,8 +212,14 @@ class _Phantom:
     z_extent: float
 
 
-def _draw_phantom(rng: np.random.Generator, fov: float, z_centre: float, z_extent: float) -> _Phantom:
-    """Draw one case's shapes, sized as fractions of the field of view ``fov`` and of ``z_extent``."""
+def _draw_phantom(rng: np.random.Generator, fov: float, z_centre: float, z_extent: float,
+                  lesion_radius: tuple[float, float] = DEMO_APPEARANCE_LESION_RADIUS,
+                  lesion_fov: float | None = None) -> _Phantom:
+    """Draw one case's shapes, sized as fractions of the field of view ``fov`` and of ``z_extent``.
+
+    Lesion radii are ``lesion_radius`` fractions of ``lesion_fov`` (default ``fov``).
+    """
+    lesion_fov = fov if lesion_fov is None else lesion_fov
     body_y = fov * 0.02
     body_axes = (fov * 0.42 * rng.uniform(0.95, 1.03), fov * 0.31 * rng.uniform(0.92, 1.05))
     fat_mm = fov * rng.uniform(0.035, 0.05)
@@ -153,7 +241,7 @@ def _draw_phantom(rng: np.random.Generator, fov: float, z_centre: float, z_exten
         u, v, w = direction * rng.uniform(0.0, 0.5) * np.array(liver_axes)
         cos, sin = np.cos(liver_angle), np.sin(liver_angle)
         lesions.append((liver_centre[0] + cos * u - sin * v, liver_centre[1] + sin * u + cos * v,
-                        liver_centre[2] + w, fov * rng.uniform(0.035, 0.06)))
+                        liver_centre[2] + w, lesion_fov * rng.uniform(*lesion_radius)))
     return _Phantom(
         body_y=body_y, body_axes=body_axes, fat_mm=fat_mm, spine_y=spine_y, spine_radius=spine_radius,
         process_y=spine_y + 1.6 * spine_radius, process_radius=0.5 * spine_radius,
@@ -164,17 +252,18 @@ def _draw_phantom(rng: np.random.Generator, fov: float, z_centre: float, z_exten
     )
 
 
-def _render(p: _Phantom, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return nominal HU (float32) and label values (uint8) at the points (x, y, z), which broadcast."""
+def _render(p: _Phantom, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+            tissue_hu: dict[str, float] = TISSUE_HU) -> tuple[np.ndarray, np.ndarray]:
+    """Return HU (float32, values from ``tissue_hu``) and label values (uint8) at the points (x, y, z), which broadcast."""
     shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-    hu = np.full(shape, TISSUE_HU["air"], dtype=np.float32)
+    hu = np.full(shape, tissue_hu["air"], dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
 
     a, b = p.body_axes
     outer = np.broadcast_to((x / a) ** 2 + ((y - p.body_y) / b) ** 2 <= 1.0, shape)
     inner = np.broadcast_to((x / (a - p.fat_mm)) ** 2 + ((y - p.body_y) / (b - p.fat_mm)) ** 2 <= 1.0, shape)
-    hu[outer] = TISSUE_HU["fat"]
-    hu[inner] = TISSUE_HU["soft_tissue"]
+    hu[outer] = tissue_hu["fat"]
+    hu[inner] = tissue_hu["soft_tissue"]
 
     cos, sin = np.cos(p.liver_angle), np.sin(p.liver_angle)
     dx, dy, dz = x - p.liver_centre[0], y - p.liver_centre[1], z - p.liver_centre[2]
@@ -185,19 +274,19 @@ def _render(p: _Phantom, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[n
     for lx, ly, lz, radius in p.lesions:
         lesion |= (x - lx) ** 2 + (y - ly) ** 2 + (z - lz) ** 2 <= radius ** 2
     lesion &= liver
-    hu[liver], labels[liver] = TISSUE_HU["liver"], LABELS["liver"]
-    hu[lesion], labels[lesion] = TISSUE_HU["lesion"], LABELS["lesion"]
+    hu[liver], labels[liver] = tissue_hu["liver"], LABELS["liver"]
+    hu[lesion], labels[lesion] = tissue_hu["lesion"], LABELS["lesion"]
 
     # The aorta curves sideways along z, so it is not symmetric under a head-feet flip either.
     aorta_x = p.aorta_xy[0] + p.aorta_sway * np.sin(np.pi * (z - p.z_centre) / p.z_extent)
     aorta = np.broadcast_to((x - aorta_x) ** 2 + (y - p.aorta_xy[1]) ** 2 <= p.aorta_radius ** 2, shape)
-    hu[aorta], labels[aorta] = TISSUE_HU["aorta"], LABELS["aorta"]
+    hu[aorta], labels[aorta] = tissue_hu["aorta"], LABELS["aorta"]
 
     vertebra = np.broadcast_to(x ** 2 + (y - p.spine_y) ** 2 <= p.spine_radius ** 2, shape)
     process = np.broadcast_to(x ** 2 + (y - p.process_y) ** 2 <= p.process_radius ** 2, shape)
     disc = vertebra & np.broadcast_to(np.mod(z - p.disc_phase, p.disc_period) < 0.2 * p.disc_period, shape)
-    hu[vertebra | process], labels[vertebra | process] = TISSUE_HU["bone"], 0
-    hu[disc] = TISSUE_HU["disc"]
+    hu[vertebra | process], labels[vertebra | process] = tissue_hu["bone"], 0
+    hu[disc] = tissue_hu["disc"]
     return hu, labels
 
 
@@ -329,7 +418,7 @@ def _write_label(path: Path, labels: np.ndarray, spacing: float, origin_xy: tupl
 
 
 def _write_case(out: Path, name: str, profile: SiteProfile, site: int, case: int, seed: int,
-                image_size: int, n_slices: int) -> dict:
+                image_size: int, n_slices: int, appearance: SiteAppearance | None = None) -> dict:
     entropy = np.random.SeedSequence([seed, site, case])
     shape_rng, noise_rng, table_rng = (np.random.default_rng(s) for s in entropy.spawn(3))
 
@@ -340,13 +429,27 @@ def _write_case(out: Path, name: str, profile: SiteProfile, site: int, case: int
     # keeps ImagePositionPatient short and exact in its decimal string.
     z_centre = round(float(table_rng.uniform(-400.0, -100.0)), 1)
     centre_xy = np.round(table_rng.uniform(-5.0, 5.0, size=2), 1)
-    phantom = _draw_phantom(shape_rng, fov, z_centre, z_extent)
+    tissue_hu = TISSUE_HU
+    if appearance is None:
+        phantom = _draw_phantom(shape_rng, fov, z_centre, z_extent)
+    else:
+        # The anatomy is drawn in a field of view scaled by the patient size, so a larger patient fills
+        # more of the image. Lesion sizes follow the reference field of view, not the patient.
+        phantom = _draw_phantom(shape_rng, fov * appearance.anatomy_scale, z_centre, z_extent * appearance.anatomy_scale,
+                                lesion_radius=appearance.lesion_radius, lesion_fov=image_size * REFERENCE_PIXEL_MM)
+        tissue_hu = {**TISSUE_HU, **dict(appearance.tissue_hu)}
 
     x = centre_xy[0] - fov / 2 + spacing / 2 + spacing * np.arange(size)
     y = centre_xy[1] - fov / 2 + spacing / 2 + spacing * np.arange(size)
     z_ascending = z_centre - z_extent / 2 + thickness / 2 + thickness * np.arange(slices)
     x, y, z_ascending = (np.round(v, 3) for v in (x, y, z_ascending))
-    hu, labels = _render(phantom, x[:, None, None], y[None, :, None], z_ascending[None, None, :])
+    hu, labels = _render(phantom, x[:, None, None], y[None, :, None], z_ascending[None, None, :], tissue_hu)
+    if appearance is not None and max(appearance.blur_sigma_mm) > 0:
+        from scipy.ndimage import gaussian_filter
+
+        in_plane, through_plane = appearance.blur_sigma_mm
+        hu = gaussian_filter(hu, sigma=(in_plane / spacing, in_plane / spacing, through_plane / thickness),
+                             mode="nearest").astype(np.float32)
 
     # Instance k+1 is slice order[k]: superior first at head-first sites, inferior first at feet-first.
     order = np.arange(slices)[::-1] if profile.patient_position == "HFS" else np.arange(slices)
@@ -378,12 +481,14 @@ def _write_case(out: Path, name: str, profile: SiteProfile, site: int, case: int
 
 
 def generate_radiology_site(out: Path, *, site_index: int, n_cases: int, seed: int, image_size: int = 96,
-                            n_slices: int = 48) -> dict:
+                            n_slices: int = 48, variation: str = "demo") -> dict:
     """Write one site's CT series under ``out/dicom`` and label maps under ``out/labels``.
 
     ``site_index`` (0, 1, 2, ...) picks the site profile and numbers the site (``site_index + 1`` in
     names and identifiers). ``image_size`` and ``n_slices`` are the matrix of a site with 1.0 mm pixels
     and 2.5 mm slices. Sites with other spacings scale them to cover the same field of view.
+    ``variation`` is ``"demo"`` (the demo's sites) or ``"strong"``, which gives the site its own
+    ``SiteAppearance`` on top of its profile (see the module documentation).
     Existing files of the same names are overwritten. Raises ``ValueError`` for invalid arguments and
     ``FileExistsError`` when a case folder contains files that this run would not write.
 
@@ -401,11 +506,19 @@ def generate_radiology_site(out: Path, *, site_index: int, n_cases: int, seed: i
     if n_slices < 8:
         raise ValueError(f"invalid n_slices {n_slices}: must be at least 8")
 
+    appearance = site_appearance(site_index, variation)
+
     out = Path(out)
     profile = site_profile(site_index)
+    tissue_hu = dict(TISSUE_HU)
+    if appearance is not None:
+        profile = replace(profile, pixel_spacing_mm=appearance.pixel_spacing_mm,
+                          slice_thickness_mm=appearance.slice_thickness_mm, hu_shift=appearance.hu_shift,
+                          noise_sigma_hu=appearance.noise_sigma_hu)
+        tissue_hu.update(appearance.tissue_hu)
     site = site_index + 1
     cases = [
-        _write_case(out, f"site{site}-case{case:03d}", profile, site, case, seed, image_size, n_slices)
+        _write_case(out, f"site{site}-case{case:03d}", profile, site, case, seed, image_size, n_slices, appearance)
         for case in range(1, n_cases + 1)
     ]
     size, slices = _site_matrix(profile, image_size, n_slices)
@@ -418,11 +531,13 @@ def generate_radiology_site(out: Path, *, site_index: int, n_cases: int, seed: i
         "labels": str(out / "labels"),
         "label_values": dict(LABELS),
         "expected_hu": {
-            tissue: TISSUE_HU[tissue] + profile.hu_shift for tissue in ("liver", "aorta", "lesion", "soft_tissue")
+            tissue: tissue_hu[tissue] + profile.hu_shift for tissue in ("liver", "aorta", "lesion", "soft_tissue")
         },
         "noise_sigma_hu": profile.noise_sigma_hu,
         "matrix": [size, size, slices],
         "spacing_mm": [profile.pixel_spacing_mm, profile.pixel_spacing_mm, profile.slice_thickness_mm],
         "profile": profile_fields,
+        "variation": variation,
+        "appearance": None if appearance is None else {**asdict(appearance), "tissue_hu": dict(appearance.tissue_hu)},
         "cases": cases,
     }

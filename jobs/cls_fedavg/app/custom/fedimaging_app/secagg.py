@@ -96,7 +96,8 @@ def _hkdf(material: bytes, info: bytes, length: int = 32) -> bytes:
 def stream_uint32(key: bytes, length: int) -> np.ndarray:
     """``length`` pseudo-random 32-bit words: the ChaCha20 key stream of ``key`` (32 bytes)."""
     encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4").copy()
+    # Read-only view of the key stream; callers only add or subtract it.
+    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4")
 
 
 def public_bytes(private: X25519PrivateKey) -> bytes:
@@ -143,14 +144,20 @@ def combine_secret(shares: list[list[tuple[int, bytes]]]) -> bytes:
 
 
 def encode(values: np.ndarray, fraction: float) -> np.ndarray:
-    """Fixed-point encoding of ``fraction * values`` in the 32-bit ring."""
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * (fraction * SCALE)).astype(np.int64)
-    return (scaled & 0xFFFFFFFF).astype(np.uint32)
+    """Fixed-point encoding of ``fraction * values`` in the 32-bit ring.
+
+    Requires ``|fraction * values| < LIMIT`` (``SiteRound.mask`` checks it), so every rounded value
+    fits a signed 32-bit integer, whose bits are the ring element.
+    """
+    scaled = np.multiply(values, fraction * SCALE, dtype=np.float64)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.int32).view(np.uint32)
 
 
 def decode(ring: np.ndarray) -> np.ndarray:
     """Signed reading of ring elements, back to floating point."""
-    return np.asarray(ring, dtype=np.uint32).view(np.int32).astype(np.float64) / SCALE
+    signed = np.asarray(ring, dtype=np.uint32).view(np.int32)
+    return np.multiply(signed, 1.0 / SCALE, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------- site side

@@ -34,6 +34,9 @@ class ModelSpec(BaseModel):
     name: Literal["unet", "segresnet", "densenet121", "resnet18", "resnet10"]
     channels: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
     image_size: int | None = None  # classification: tiles are resized to this many pixels
+    # Segmentation UNet normalisation layers. Batch norm lets a job keep norm layers local (FedBN) through
+    # an exclude_vars privacy filter.
+    norm: Literal["instance", "batch"] = "instance"
 
 
 class AggregationSpec(BaseModel):
