@@ -1,4 +1,4 @@
-"""The ``fedimaging`` command line."""
+"""The fedimaging command line: prepare site data, run and report federations, deploy."""
 
 from __future__ import annotations
 
@@ -315,7 +315,7 @@ def _add_deploy_commands(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimaging", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedimaging {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected file and series")
+    parser.add_argument("-v", "--verbose", action="store_true", help="verbose output: log every rejected file and series, and show the NVFlare simulator's output")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="site-side data preparation")
     prepare_kinds = prepare.add_subparsers(dest="kind", required=True)

@@ -234,3 +234,12 @@ def test_server_reachable(federation, listening):
     result = check_server(federation["kits"].kit("site-1"), timeout_s=1.0)
     assert result.ok, result.message
     assert "127.0.0.1" in result.message
+
+
+def test_label_mapping_names_unannotated_optional_class(federation, tmp_path):
+    config = write_config(tmp_path / "site.yaml", federation["data"], None,
+                          mapping="label_mapping: {aorta: {label_value: 2}}")
+    result = by_name(run_checks(config, job=REPO / "jobs" / "seg_fedavg"))["label mapping"]
+    assert result.ok, result.message
+    assert "aorta" in result.message
+    assert "optional classes not annotated at this site: liver" in result.message

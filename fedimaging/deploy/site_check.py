@@ -138,8 +138,13 @@ def check_label_mapping(site, job: Path | None) -> CheckResult:
         return _failed(name, f"required classes mapped to sources absent from the prepared data: {', '.join(absent)}",
                        "check the label values, mask, segment or class names in label_mapping against "
                        f"{site.data_dir / 'manifest.json'}")
-    return CheckResult(name, True, f"all {len(job_config.classes)} classes of {config_path.parent.parent.parent.name} "
-                                   "mapped; required ones found in the prepared data")
+    required = [cls for cls, need in job_config.classes.items() if need == "required"]
+    unmapped_optional = [cls for cls, need in job_config.classes.items() if need == "optional" and cls not in mapping]
+    message = (f"required classes of {config_path.parent.parent.parent.name} mapped and found in the prepared data: "
+               f"{', '.join(required)}")
+    if unmapped_optional:
+        message += f"; optional classes not annotated at this site: {', '.join(unmapped_optional)}"
+    return CheckResult(name, True, message)
 
 
 def check_device(preference: str) -> CheckResult:
