@@ -105,19 +105,16 @@ def export_he_job(name: str, spec: dict, destination: Path, *, num_rounds: int, 
     job = JobConfig.model_validate(spec)
     if job.homomorphic_encryption is None:
         raise ValueError(f"job {name}: the spec has no homomorphic_encryption block; build it with jobs.build")
-    config_copy = APP_CUSTOM / JOB_CONFIG_FILE_NAME
-    config_copy.write_text(json.dumps(spec, indent=2) + "\n")
     target = destination / name
-    try:
-        with _working_directory(APP_CUSTOM):
-            recipe = make_he_recipe(name, job, num_rounds=num_rounds, min_clients=min_clients)
-            with tempfile.TemporaryDirectory() as scratch:
-                recipe.export(scratch)
-                if target.exists():
-                    shutil.rmtree(target)
-                shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
-    finally:
-        config_copy.unlink(missing_ok=True)
+    with _working_directory(APP_CUSTOM):
+        recipe = make_he_recipe(name, job, num_rounds=num_rounds, min_clients=min_clients)
+        with tempfile.TemporaryDirectory() as scratch:
+            recipe.export(scratch)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(Path(scratch) / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+    # Written into the exported job, not app_custom/, so that concurrent exports cannot collide.
+    (target / "app" / "custom" / JOB_CONFIG_FILE_NAME).write_text(json.dumps(spec, indent=2) + "\n")
     _finish_client_config(target, job)
     _finish_server_config(target, job, num_rounds=num_rounds, min_clients=min_clients)
     return target
