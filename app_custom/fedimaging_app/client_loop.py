@@ -28,7 +28,7 @@ from fedimaging_app.config import (
 )
 from fedimaging_app.models import build_model
 from fedimaging_app.phi_guard import install_log_guard, load_site_identifiers
-from fedimaging_app.privacy import epsilon_after, privatize_update
+from fedimaging_app.privacy import epsilon_after, privatize_update, weights_and_reference
 from fedimaging_app.secagg import SecAggError, SiteRound, flatten_update, model_layout
 from fedimaging_app.site_data import load_prepared
 
@@ -67,13 +67,9 @@ def _versions() -> dict:
 
 def clip_model_update(model: torch.nn.Module, global_params: dict, max_norm: float) -> float:
     """Scale the model's update (its weights minus ``global_params``) to at most ``max_norm``; return the norm before."""
-    import numpy as np
-
     from fedimaging_app.aggregation import clip_update, update_norm
 
-    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    reference = {k: np.asarray(global_params[k].cpu() if hasattr(global_params[k], "cpu") else global_params[k])
-                 for k in state}
+    state, reference = weights_and_reference(model, global_params)
     norm = update_norm(state, reference)
     if norm > max_norm:
         clipped = clip_update(state, reference, max_norm)

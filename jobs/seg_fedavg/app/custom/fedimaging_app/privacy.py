@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedimaging_app.aggregation import clip_update, update_norm
+from fedimaging_app.secagg import as_numpy
 
 
 def epsilon_after(rounds: int, noise_multiplier: float, delta: float, sample_rate: float = 1.0) -> float:
@@ -24,21 +25,33 @@ def epsilon_after(rounds: int, noise_multiplier: float, delta: float, sample_rat
     return float(accountant.get_epsilon(delta=delta))
 
 
-def privatize_update(model: torch.nn.Module, global_params: dict, clip_norm: float, noise_multiplier: float,
-                     generator: np.random.Generator) -> dict:
-    """Clip the model's update and add Gaussian noise, in place; return what was done (norms, noise std)."""
-    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    reference = {k: np.asarray(global_params[k].cpu() if hasattr(global_params[k], "cpu") else global_params[k])
-                 for k in state}
-    norm_before = update_norm(state, reference)
-    clipped = clip_update(state, reference, clip_norm)
-    std = noise_multiplier * clip_norm
+def weights_and_reference(model: torch.nn.Module, global_params: dict) -> tuple[dict, dict]:
+    """Return the model's weights and the received global weights as numpy arrays, name by name."""
+    state = {name: as_numpy(value) for name, value in model.state_dict().items()}
+    return state, {name: as_numpy(global_params[name]) for name in state}
+
+
+def add_gaussian_noise(arrays: dict[str, np.ndarray], std: float, generator: np.random.Generator) -> dict:
+    """Return ``arrays`` with N(0, std^2) noise added to every floating-point array, keeping each dtype.
+
+    Integer buffers (for example batch-norm batch counts) carry no gradient information and stay as they are.
+    """
     noised = {}
-    for name, value in clipped.items():
+    for name, value in arrays.items():
         if np.issubdtype(value.dtype, np.floating):
             noised[name] = (value + generator.normal(0.0, std, size=value.shape)).astype(value.dtype)
         else:
-            noised[name] = value  # integer buffers (e.g. batch counts) carry no gradient information
+            noised[name] = value
+    return noised
+
+
+def privatize_update(model: torch.nn.Module, global_params: dict, clip_norm: float, noise_multiplier: float,
+                     generator: np.random.Generator) -> dict:
+    """Clip the model's update and add Gaussian noise, in place; return what was done (norms, noise std)."""
+    state, reference = weights_and_reference(model, global_params)
+    norm_before = update_norm(state, reference)
+    std = noise_multiplier * clip_norm
+    noised = add_gaussian_noise(clip_update(state, reference, clip_norm), std, generator)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in noised.items()})
     return {"update_norm_before_clipping": norm_before, "noise_std": std}
 
@@ -86,28 +99,25 @@ class SiteDPFilter(_NVFlareFilter):
             return shareable
         task_id = str(fl_ctx.get_prop(FLContextKey.TASK_ID))
         dxo = from_shareable(shareable)
-        as_numpy = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in (dxo.data or {}).items()}
+        arrays = {name: as_numpy(value) for name, value in (dxo.data or {}).items()}
         if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
             if dxo.data_kind == DataKind.WEIGHTS:
-                _RECEIVED[task_id] = as_numpy
+                _RECEIVED[task_id] = arrays
             return shareable
         received = _RECEIVED.pop(task_id, None)
         if dxo.data_kind == DataKind.WEIGHT_DIFF:
-            reference = {k: np.zeros_like(v) for k, v in as_numpy.items()}
+            reference = {k: np.zeros_like(v) for k, v in arrays.items()}
         elif dxo.data_kind == DataKind.WEIGHTS and received is not None:
-            reference = {k: received[k] for k in as_numpy if k in received}
+            reference = {k: received[k] for k in arrays if k in received}
         else:
             raise RuntimeError(f"this site requires differential privacy, but the result of task '{task}' is neither "
                                "weights nor weight differences it can noise (for example a masked update); the job "
                                "must set differential_privacy itself")
-        update_keys = [k for k in as_numpy if k in reference]
-        norm_before = update_norm({k: as_numpy[k] for k in update_keys}, reference)
-        clipped = clip_update({k: as_numpy[k] for k in update_keys}, reference, self.clip_norm)
+        weights = {k: arrays[k] for k in arrays if k in reference}
+        norm_before = update_norm(weights, reference)
         std = self.noise_multiplier * self.clip_norm
-        for name, value in clipped.items():
-            if np.issubdtype(value.dtype, np.floating):
-                as_numpy[name] = (value + self._rng.normal(0.0, std, size=value.shape)).astype(value.dtype)
-        dxo.data = as_numpy
+        arrays.update(add_gaussian_noise(clip_update(weights, reference, self.clip_norm), std, self._rng))
+        dxo.data = arrays
         self.rounds += 1
         self.log_info(fl_ctx, f"site DP: update norm {norm_before:.4g} clipped to {self.clip_norm:g}, noise std "
                               f"{std:g}; epsilon {epsilon_after(self.rounds, self.noise_multiplier, self.delta):.3f} "

@@ -68,8 +68,9 @@ def find_identifier(value, identifiers: IdentifierList, where: str = "message", 
     if isinstance(value, dict):
         for key, item in value.items():
             label = f"{where}.{key}" if isinstance(key, str) else f"{where}[{key!r}]"
-            if isinstance(key, str) and identifiers.find(key):
-                return (f"{where} (a key)", identifiers.find(key))
+            key_kind = identifiers.find(key) if isinstance(key, str) else None
+            if key_kind:
+                return (f"{where} (a key)", key_kind)
             hit = find_identifier(item, identifiers, label, depth + 1)
             if hit:
                 return hit
