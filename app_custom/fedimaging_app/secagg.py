@@ -70,7 +70,7 @@ def site_order(sites) -> list[str]:
 
 
 def as_numpy(value) -> np.ndarray:
-    """A tensor or array as a numpy array (tensors are moved to the CPU first)."""
+    """Return a tensor or array as a numpy array, moving tensors to the CPU first."""
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -109,7 +109,7 @@ def private_bytes(private: X25519PrivateKey) -> bytes:
 
 
 def pair_seed(private: X25519PrivateKey, peer_public: bytes, context: str, a: str, b: str) -> bytes:
-    """The mask seed two sites agree for a round; identical on both sides."""
+    """Derive the mask seed two sites agree for a round; both sides derive the same seed."""
     low, high = sorted((a, b))
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return _hkdf(shared, f"fedimaging-secagg mask|{context}|{low}|{high}".encode())
@@ -244,7 +244,7 @@ class SiteRound:
         if len(self.participants) < 3:
             raise SecAggError("the round has fewer than 3 participants; masking would not hide an update")
         if not np.all(np.isfinite(update)):
-            raise SecAggError("the update holds NaN or infinite values; it was not masked or sent")
+            raise SecAggError("the update contains NaN or infinite values; it was not masked or sent")
         peak = float(np.max(np.abs(update))) if update.size else 0.0
         if peak >= LIMIT:
             raise SecAggError(f"an update value of magnitude {peak:.4g} does not fit the fixed-point range "
