@@ -14,11 +14,16 @@ import pytest
 
 from fedimaging_app.config import JobConfig
 from fedimaging_app.secagg import (
+    CHUNK,
     LIMIT,
     SecAggError,
     SiteRound,
+    add_stream,
     decode,
     encode,
+    encode_update,
+    flatten_update,
+    stream_uint32,
     threshold_for,
     unmask_sum,
 )
@@ -100,6 +105,43 @@ def test_fixed_point_round_trip_and_range():
         site.mask(np.array([0.0, LIMIT]), 0.5)
     with pytest.raises(SecAggError, match="NaN or infinite"):
         site.mask(np.array([0.0, np.nan]), 0.5)
+
+
+def test_stream_blocks_match_the_cipher_and_wrap_modulo_2_32():
+    """The block-wise key stream equals one ChaCha20 pass over zeros, across block boundaries."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    key, length = bytes(range(32)), 2 * CHUNK + 12345
+    whole = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(4 * length))
+    expected = np.frombuffer(whole, dtype="<u4")
+    assert np.array_equal(stream_uint32(key, length), expected)
+    target = np.full(length, 2**32 - 1, dtype=np.uint32)
+    add_stream(target, key)
+    assert np.array_equal(target, expected - np.uint32(1))  # wraps around instead of overflowing
+    add_stream(target, key, subtract=True)
+    assert np.all(target == 2**32 - 1)
+
+
+def test_encoding_a_model_in_blocks_equals_encoding_its_flat_update():
+    import torch
+
+    rng = np.random.default_rng(3)
+    reference = {"b.weight": torch.from_numpy(rng.normal(size=(CHUNK + 7,)).astype(np.float32)),
+                 "a.bias": torch.from_numpy(rng.normal(size=(3, 5)).astype(np.float32)),
+                 "c.steps": torch.tensor(4, dtype=torch.int64)}
+    trained = {k: v + (torch.from_numpy(rng.normal(0, 1e-2, size=tuple(v.shape)).astype(np.float32))
+                       if v.is_floating_point() else 1) for k, v in reference.items()}
+    flat = flatten_update(trained, reference)
+    assert np.array_equal(encode_update(trained, reference, 0.37), encode(flat, 0.37))
+    site = SiteRound("site-1", "c")
+    site.participants = ["site-1", "site-2", "site-3"]
+    site.public_keys = {s: {"s_pk": bytes.fromhex(SiteRound(s, "c").advertise()["s_pk"])} for s in ("site-2", "site-3")}
+    assert np.array_equal(site.mask_update(trained, reference, 0.37), site.mask(flat, 0.37))
+    trained["b.weight"][CHUNK + 3] = float("inf")
+    with pytest.raises(SecAggError, match="update of b.weight contains NaN or infinite"):
+        encode_update(trained, reference, 0.37)
+    with pytest.raises(SecAggError, match=r"weight fraction 1.5 is not in \(0, 1\]"):
+        encode(flat, 1.5)
 
 
 def test_site_refuses_to_reveal_both_shares_of_one_site_or_to_reveal_twice():

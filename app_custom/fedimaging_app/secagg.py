@@ -53,6 +53,7 @@ SCALE = float(2**FRACTION_BITS)
 LIMIT = 2.0 ** (31 - FRACTION_BITS)  # the weighted sum must stay in (-LIMIT, LIMIT)
 SEED_BYTES = 16  # Shamir over GF(2^128) shares 16-byte secrets
 _NONCE = bytes(16)  # every ChaCha20 key is used for one stream only
+CHUNK = 1 << 18  # values per block when encoding and masking: 1-2 MB of scratch that stays in cache
 
 
 class SecAggError(RuntimeError):
@@ -93,11 +94,29 @@ def _hkdf(material: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(material)
 
 
+def add_stream(target: np.ndarray, key: bytes, subtract: bool = False) -> None:
+    """Add (or, with ``subtract``, take away) the ChaCha20 key stream of ``key`` to ``target`` in place.
+
+    ``target`` is a flat uint32 array; arithmetic is modulo 2^32. The stream is made and applied in
+    blocks of ``CHUNK`` words, so no stream-sized array is ever allocated.
+    """
+    encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
+    zeros = memoryview(bytes(4 * CHUNK))
+    block = bytearray(4 * CHUNK + 64)  # update_into wants room beyond the input length
+    words = np.frombuffer(block, dtype="<u4", count=CHUNK)
+    apply = np.subtract if subtract else np.add
+    for start in range(0, target.size, CHUNK):
+        count = min(CHUNK, target.size - start)
+        encryptor.update_into(zeros[:4 * count], block)
+        part = target[start:start + count]
+        apply(part, words[:count], out=part)
+
+
 def stream_uint32(key: bytes, length: int) -> np.ndarray:
     """``length`` pseudo-random 32-bit words: the ChaCha20 key stream of ``key`` (32 bytes)."""
-    encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
-    # Read-only view of the key stream; callers only add or subtract it.
-    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4")
+    words = np.zeros(length, dtype=np.uint32)
+    add_stream(words, key)
+    return words
 
 
 def public_bytes(private: X25519PrivateKey) -> bytes:
@@ -143,15 +162,64 @@ def combine_secret(shares: list[list[tuple[int, bytes]]]) -> bytes:
     return b"".join(Shamir.combine([s[c] for s in shares]) for c in range(chunks))
 
 
-def encode(values: np.ndarray, fraction: float) -> np.ndarray:
-    """Fixed-point encoding of ``fraction * values`` in the 32-bit ring.
+def _encode_into(out: np.ndarray, start: int, new: np.ndarray, old: np.ndarray | None, scale: float,
+                 name: str, scratch: np.ndarray, spare: np.ndarray) -> None:
+    """Write ``rint(scale * (new - old))`` as ring elements to ``out[start:]``, checking every block first.
 
-    Requires ``|fraction * values| < LIMIT`` (``SiteRound.mask`` checks it), so every rounded value
-    fits a signed 32-bit integer, whose bits are the ring element.
+    Works in blocks of ``CHUNK`` values in float64 scratch space, so no update-sized float64 copy is
+    made; raises ``SecAggError`` for a NaN, an infinity or a value of magnitude ``LIMIT`` or more.
     """
-    scaled = np.multiply(values, fraction * SCALE, dtype=np.float64)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.int32).view(np.uint32)
+    for offset in range(0, new.size, CHUNK):
+        count = min(CHUNK, new.size - offset)
+        values = scratch[:count]
+        if old is None:
+            np.copyto(values, new[offset:offset + count])
+        else:
+            np.subtract(new[offset:offset + count], old[offset:offset + count], out=values, dtype=np.float64)
+        peak = float(np.max(np.abs(values, out=spare[:count])))
+        if not np.isfinite(peak):
+            raise SecAggError(f"the update of {name} contains NaN or infinite values; it was not masked or sent")
+        if peak >= LIMIT:
+            raise SecAggError(f"an update value of magnitude {peak:.4g} in {name} does not fit the fixed-point range "
+                              f"(below {LIMIT:g}); set aggregation.max_update_norm in the job to bound updates")
+        np.multiply(values, scale, out=values)
+        np.rint(values, out=values)
+        # Every value is below 2^31 in magnitude: the int32 bits are the ring element.
+        np.copyto(out[start + offset:start + offset + count].view(np.int32), values, casting="unsafe")
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise SecAggError(f"weight fraction {fraction} is not in (0, 1]")
+
+
+def encode(values: np.ndarray, fraction: float) -> np.ndarray:
+    """Fixed-point encoding of ``fraction * values`` (a flat array) in the 32-bit ring.
+
+    Raises ``SecAggError`` when a value is not finite or ``|values| >= LIMIT`` (weights sum to at most
+    1, so the weighted sum then stays in range) or ``fraction`` is not in (0, 1].
+    """
+    _check_fraction(fraction)
+    values = np.asarray(values).reshape(-1)
+    out = np.empty(values.size, dtype=np.uint32)
+    _encode_into(out, 0, values, None, fraction * SCALE, "the update", np.empty(CHUNK), np.empty(CHUNK))
+    return out
+
+
+def encode_update(trained: dict, reference: dict, fraction: float) -> np.ndarray:
+    """``encode(flatten_update(trained, reference), fraction)`` without the float64 copies of the model."""
+    _check_fraction(fraction)
+    names = sorted(reference)
+    sizes = [as_numpy(reference[name]).size for name in names]
+    out = np.empty(sum(sizes), dtype=np.uint32)
+    scratch, spare, start = np.empty(CHUNK), np.empty(CHUNK), 0
+    for name, size in zip(names, sizes):
+        new, old = as_numpy(trained[name]).reshape(-1), as_numpy(reference[name]).reshape(-1)
+        if new.size != size:
+            raise SecAggError(f"the trained {name} has {new.size} values, the global model's {size}")
+        _encode_into(out, start, new, old, fraction * SCALE, name.removeprefix("module."), scratch, spare)
+        start += size
+    return out
 
 
 def decode(ring: np.ndarray) -> np.ndarray:
@@ -240,28 +308,25 @@ class SiteRound:
                 raise SecAggError(f"the secret shares from {sender} failed authentication at {self.site}") from exc
 
     def mask(self, update: np.ndarray, fraction: float) -> np.ndarray:
-        """Encode ``fraction * update`` and add this site's masks; the result is safe to send."""
+        """Encode ``fraction * update`` (a flat array) and add this site's masks; the result is safe to send."""
+        self._ready_to_mask()
+        return self._add_masks(encode(update, fraction))
+
+    def mask_update(self, trained: dict, reference: dict, fraction: float) -> np.ndarray:
+        """``mask(flatten_update(trained, reference), fraction)``, without float64 copies of the model."""
+        self._ready_to_mask()
+        return self._add_masks(encode_update(trained, reference, fraction))
+
+    def _ready_to_mask(self) -> None:
         if len(self.participants) < 3:
             raise SecAggError("the round has fewer than 3 participants; masking would not hide an update")
-        if not np.all(np.isfinite(update)):
-            raise SecAggError("the update contains NaN or infinite values; it was not masked or sent")
-        peak = float(np.max(np.abs(update))) if update.size else 0.0
-        if peak >= LIMIT:
-            raise SecAggError(f"an update value of magnitude {peak:.4g} does not fit the fixed-point range "
-                              f"(below {LIMIT:g}); set aggregation.max_update_norm in the job to bound updates")
-        if not 0.0 < fraction <= 1.0:
-            raise SecAggError(f"weight fraction {fraction} is not in (0, 1]")
-        masked = encode(update, fraction)
-        masked += stream_uint32(self_mask_key(self.self_seed, self.context), update.size)
+
+    def _add_masks(self, masked: np.ndarray) -> np.ndarray:
+        add_stream(masked, self_mask_key(self.self_seed, self.context))
         for peer in self.participants:
-            if peer == self.site:
-                continue
-            stream = stream_uint32(pair_seed(self.s_key, self.public_keys[peer]["s_pk"], self.context, self.site, peer),
-                                   update.size)
-            if self.site < peer:
-                masked += stream
-            else:
-                masked -= stream
+            if peer != self.site:
+                seed = pair_seed(self.s_key, self.public_keys[peer]["s_pk"], self.context, self.site, peer)
+                add_stream(masked, seed, subtract=self.site > peer)
         self.masked = True
         return masked
 
@@ -314,6 +379,12 @@ def unmask_sum(masked: dict[str, np.ndarray], public_keys: dict[str, dict], rost
     ``masked`` maps each survivor to its masked vector; ``revelations`` maps each revealing survivor to
     what ``SiteRound.reveal`` returned. Raises ``SecAggError`` when too few shares arrived.
     """
+    return decode(unmask_ring(masked, public_keys, roster, participants, revelations, context))
+
+
+def unmask_ring(masked: dict[str, np.ndarray], public_keys: dict[str, dict], roster: list[str],
+                participants: list[str], revelations: dict[str, dict[str, dict]], context: str) -> np.ndarray:
+    """``unmask_sum`` before decoding: the weighted sum as ring elements (uint32), for decoding in parts."""
     participants = site_order(participants)
     threshold = threshold_for(len(roster))
     survivors = site_order(masked)
@@ -326,12 +397,11 @@ def unmask_sum(masked: dict[str, np.ndarray], public_keys: dict[str, dict], rost
     total = np.zeros_like(next(iter(masked.values())), dtype=np.uint32)
     for vector in masked.values():
         total += vector
-    length = total.size
     for site in survivors:
         shares = [_share_from_hex(r[site]["b"]) for r in revelations.values() if "b" in r.get(site, {})]
         if len(shares) < threshold:
             raise SecAggError(f"only {len(shares)} shares of {site}'s self mask arrived; the round fails")
-        total -= stream_uint32(self_mask_key(combine_secret(shares[:threshold]), context), length)
+        add_stream(total, self_mask_key(combine_secret(shares[:threshold]), context), subtract=True)
     for gone in dropped:
         shares = [_share_from_hex(r[gone]["s"]) for r in revelations.values() if "s" in r.get(gone, {})]
         if len(shares) < threshold:
@@ -340,11 +410,7 @@ def unmask_sum(masked: dict[str, np.ndarray], public_keys: dict[str, dict], rost
         if public_bytes(gone_key) != bytes.fromhex(public_keys[gone]["s_pk"]):
             raise SecAggError(f"the key rebuilt for dropped site {gone} does not match its public key; the round fails")
         for site in survivors:
-            stream = stream_uint32(pair_seed(gone_key, bytes.fromhex(public_keys[site]["s_pk"]), context, gone, site),
-                                   length)
             # The survivor added the stream when it sorts before the dropped site, else subtracted it.
-            if site < gone:
-                total -= stream
-            else:
-                total += stream
-    return decode(total)
+            add_stream(total, pair_seed(gone_key, bytes.fromhex(public_keys[site]["s_pk"]), context, gone, site),
+                       subtract=site < gone)
+    return total

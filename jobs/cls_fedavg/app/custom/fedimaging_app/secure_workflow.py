@@ -37,7 +37,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
 
-from fedimaging_app.secagg import SecAggError, as_numpy, model_layout, site_order, threshold_for, unmask_sum
+from fedimaging_app.secagg import SecAggError, as_numpy, decode, model_layout, site_order, threshold_for, unmask_ring
 
 KEYS_TASK = "secagg_keys"
 SHARES_TASK = "secagg_shares"
@@ -245,15 +245,17 @@ class SecureFedAvg(FedAvg):
             if following is not None and _valid_keys(info.get("next_keys")) and _valid_weight(info.get("n_cases")):
                 following.public_keys[site] = info["next_keys"]
                 following.weights[site] = float(info["n_cases"])
-        weighted_sum = unmask_sum(masked, current.public_keys, current.roster, participants, revelations, context)
+        weighted_sum = unmask_ring(masked, current.public_keys, current.roster, participants, revelations, context)
         surviving_weight = sum(current.weights[s] for s in survivors)
-        mean_update = weighted_sum * (total_weight / surviving_weight)
+        factor = total_weight / surviving_weight
 
         params, offset = {}, 0
         for name in sorted(model.params):
             base = as_numpy(model.params[name])
             size = base.size
-            new = base.astype(np.float64) + mean_update[offset:offset + size].reshape(base.shape)
+            mean_update = decode(weighted_sum[offset:offset + size])
+            mean_update *= factor
+            new = base.astype(np.float64) + mean_update.reshape(base.shape)
             params[name] = new.astype(base.dtype) if np.issubdtype(base.dtype, np.floating) else np.rint(new).astype(base.dtype)
             offset += size
         self._current, self._next = upcoming, following

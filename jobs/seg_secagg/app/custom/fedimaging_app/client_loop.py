@@ -277,9 +277,8 @@ class SecureAggregationSite:
             relayed = {site: keys for site, keys in info["public_keys"].items()}
             if any(current.public_keys.get(site, {}).get("s_pk", b"").hex() != keys["s_pk"] for site, keys in relayed.items()):
                 raise SecAggError("the keys relayed for training differ from the ones relayed for the shares")
-            update = flatten_update(model.state_dict(), incoming.params)
             fraction = self.engine.n_training_cases / float(info["total_weight"])
-            masked = current.mask(update, fraction)
+            masked = current.mask_update(model.state_dict(), incoming.params, fraction)
             upcoming = info.get("next")
             next_shares = self._round(upcoming["context"]).make_shares(upcoming["public_keys"]) if upcoming else None
         except SecAggError as error:
@@ -290,6 +289,7 @@ class SecureAggregationSite:
         if record:  # tests compare what the server received with the true update
             folder = Path(record) / self.site_name
             folder.mkdir(parents=True, exist_ok=True)
+            update = flatten_update(model.state_dict(), incoming.params)
             np.savez(folder / f"{info['context'].rsplit('|', 1)[-1].replace(' ', '_')}.npz", weighted_update=update * fraction,
                      fraction=fraction,
                      reference=flatten_update(incoming.params, {k: torch.zeros_like(v) for k, v in incoming.params.items()}),
