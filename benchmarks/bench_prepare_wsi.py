@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader
 from preprocessing.output import DATALIST_NAME
 from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
 from preprocessing.wsi.dataset import WsiTileDataset
-from preprocessing.wsi.tile_reader import WHITE
+from fedimaging_app.tiles import read_tile, resize_planes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLIDE_FOLDER = REPO_ROOT.parent / "shared" / "data" / "pathology" / "slides"
@@ -296,6 +296,90 @@ def read_with_dataloader(items: list[dict], root: Path, num_workers: int) -> int
     return count
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(pass number, index)`` for every item, the pass number rising by one at every pass."""
+
+    def __init__(self, count: int):
+        self.count, self.epoch = count, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter([(self.epoch, index) for index in range(self.count)])
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _FreshHandlesEachPass(torch.utils.data.Dataset):
+    """The project's loader, with its slide handles closed whenever a new pass begins in this process."""
+
+    def __init__(self, items: list[dict], root: Path):
+        self.dataset, self.epoch = WsiTileDataset(items, root), None
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if epoch != self.epoch:
+            self.dataset.close()
+            self.epoch = epoch
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class PersistentLoader:
+    """A DataLoader over the project's loader whose 2 worker processes live across passes.
+
+    This is how training reads tiles (``cls_engine`` keeps one DataLoader with
+    ``persistent_workers=True`` for all rounds): the workers start once, in the warm-up pass. So
+    that every pass starts with an empty OpenSlide cache, as in the other rows, the workers reopen
+    their slides at the start of each pass.
+    """
+
+    def __init__(self, items: list[dict], root: Path, num_workers: int):
+        self.dataset = _FreshHandlesEachPass(items, root)
+        self.loader = DataLoader(self.dataset, batch_size=BATCH_SIZE, sampler=_EpochSampler(len(items)),
+                                 num_workers=num_workers, persistent_workers=True)
+
+    def __call__(self) -> int:
+        return sum(len(batch["label"]) for batch in self.loader)
+
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self.dataset.dataset.close()
+
+
+_pool_pass: list[int] = [0]  # the pass a persistent Pool worker last read in
+
+
+def _bare_chunk_of_pass(arguments: tuple[int, list[dict], Path]) -> int:
+    epoch, items, root = arguments
+    if epoch != _pool_pass[0]:  # a new pass: start with fresh handles, as the 1-process loop does
+        _close_bare_handles()
+        _pool_pass[0] = epoch
+    return _bare_loop(items, root)
+
+
+class PersistentPool:
+    """The bare loop in a ``multiprocessing.Pool`` started once and reused by every pass."""
+
+    def __init__(self, items: list[dict], root: Path, processes: int):
+        _close_bare_handles()  # a forked worker must not inherit an open handle
+        self.chunks = [(items[start:start + BATCH_SIZE], root) for start in range(0, len(items), BATCH_SIZE)]
+        self.pool = multiprocessing.Pool(processes)
+        self.epoch = 0
+
+    def __call__(self) -> int:
+        self.epoch += 1
+        return sum(self.pool.imap_unordered(_bare_chunk_of_pass, [(self.epoch, *chunk) for chunk in self.chunks]))
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
 # Slide handles of the bare loop in the current process, by absolute path.
 _bare_handles: dict[str, openslide.OpenSlide] = {}
 
@@ -376,7 +460,7 @@ def measure_interleaved(measurements: list[tuple[Measurement, Callable[[], int]]
 def per_tile_costs(items: list[dict], root: Path) -> dict[str, float]:
     """Time each step of one tile read on up to ``BREAKDOWN_SAMPLE`` items spread over the slide, in ms per tile.
 
-    ``read_region`` runs on a fresh handle in datalist order over the sample only, so fewer
+    Each reading step runs on its own fresh handle in datalist order over the sample only, so fewer
     neighbouring tiles share OpenSlide's cache than in the full loops.
     """
     sample = items[:: max(1, len(items) // BREAKDOWN_SAMPLE)][:BREAKDOWN_SAMPLE]
@@ -388,26 +472,18 @@ def per_tile_costs(items: list[dict], root: Path) -> dict[str, float]:
         costs[label] = (time.perf_counter() - start) * 1e3 / len(inputs)
         return outputs
 
-    with openslide.OpenSlide(str(root / sample[0]["image"])) as slide:
-        regions = timed("read_region", lambda item: slide.read_region(tuple(item["location"]), item["level"],
-                                                                      tuple(item["size"])), sample)
+    path = str(root / sample[0]["image"])
+    with openslide.OpenSlide(path) as slide:
+        regions = timed("bare: read_region (RGBA image)", lambda item: slide.read_region(
+            tuple(item["location"]), item["level"], tuple(item["size"])), sample)
     timed("bare: .convert('RGB')", lambda region: region.convert("RGB"), regions)
-    def composite(region):
-        # The same steps as read_tile: opaque regions convert directly, others are laid on white.
-        if region.getextrema()[3][0] == 255:
-            return region.convert("RGB")
-        return PIL.Image.alpha_composite(PIL.Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
-
-    images = timed("loader: composite on white", composite, regions)
-    # The same test on the alpha band alone, a candidate for read_tile: getextrema() on RGBA scans all four bands.
-    timed("candidate: alpha extrema of band A only", lambda region: region.getchannel("A").getextrema(), regions)
     tile_size = sample[0]["tile_size"]
-    if images[0].size != (tile_size, tile_size):
-        images = timed(f"loader: bilinear resize to {tile_size}",
-                       lambda image: image.resize((tile_size, tile_size), PIL.Image.Resampling.BILINEAR,
-                                                  reducing_gap=2.0), images)
-    pixels = timed("loader: to numpy", np.asarray, images)
-    timed("loader: (3, H, W) contiguous copy", lambda rgb: np.ascontiguousarray(rgb.transpose(2, 0, 1)), pixels)
+    with openslide.OpenSlide(path) as slide:
+        timed("loader: read_tile, (3, H, W) uint8", lambda item: read_tile(
+            slide, tuple(item["location"]), item["level"], tuple(item["size"]), tile_size, channels_first=True), sample)
+    if regions[0].size != (tile_size, tile_size):
+        planes = [torch.from_numpy(np.array(region.convert("RGB"))).permute(2, 0, 1)[None] for region in regions]
+        timed(f"of which: resize to {tile_size}", lambda plane: resize_planes(plane, tile_size), planes)
     return costs
 
 
@@ -447,16 +523,27 @@ def benchmark_slide(name: str, path: Path, work: Path, key_file: Path, repeats: 
     loader_workers = Measurement(f"loader: DataLoader num_workers=2, batch {BATCH_SIZE}", "tiles/s", tiles, 2)
     bare = Measurement("bare: read_region + convert('RGB')", "tiles/s", tiles, 1)
     bare_pool = Measurement(f"bare: same loop in Pool(2), chunks of {BATCH_SIZE}", "tiles/s", tiles, 2)
-    measure_interleaved([
-        (loader, lambda: read_with_dataset(items, reference_out)),
-        (bare, lambda: read_bare(items, reference_out)),
-        (loader_batches, lambda: read_with_dataloader(items, reference_out, 0)),
-        (loader_workers, lambda: read_with_dataloader(items, reference_out, 2)),
-        (bare_pool, lambda: read_bare_pool(items, reference_out, 2)),
-    ], repeats)
+    loader_persistent = Measurement("loader: DataLoader num_workers=2, persistent", "tiles/s", tiles, 2)
+    bare_persistent = Measurement("bare: same loop in a persistent Pool(2)", "tiles/s", tiles, 2)
+    persistent_pool = PersistentPool(items, reference_out, 2)
+    persistent_loader = PersistentLoader(items, reference_out, 2)
+    try:
+        measure_interleaved([
+            (loader, lambda: read_with_dataset(items, reference_out)),
+            (bare, lambda: read_bare(items, reference_out)),
+            (loader_batches, lambda: read_with_dataloader(items, reference_out, 0)),
+            (loader_workers, lambda: read_with_dataloader(items, reference_out, 2)),
+            (bare_pool, lambda: read_bare_pool(items, reference_out, 2)),
+            (loader_persistent, persistent_loader),
+            (bare_persistent, persistent_pool),
+        ], repeats)
+    finally:
+        persistent_loader.close()
+        persistent_pool.close()
     facts["per_tile_ms"] = per_tile_costs(items, reference_out)
     shutil.rmtree(reference_out)
-    return [tiling, export, export_only, loader, loader_batches, loader_workers, bare, bare_pool], facts
+    return [tiling, export, export_only, loader, loader_batches, loader_workers, loader_persistent, bare, bare_pool,
+            bare_persistent], facts
 
 
 def benchmark_folder(slides: dict[str, Path], work: Path, key_file: Path, repeats: int) -> list[Measurement]:
@@ -498,15 +585,20 @@ def ratios(measurements: list[Measurement]) -> dict[str, float]:
     less sensitive than wall time to other programs that share the cores.
     """
     loader_1 = _find(measurements, "loader: WsiTileDataset")
-    loader_2 = _find(measurements, "loader: DataLoader num_workers=2")
+    loader_2 = _find(measurements, "loader: DataLoader num_workers=2, batch")
     bare_1 = _find(measurements, "bare: read_region")
     bare_2 = _find(measurements, "bare: same loop in Pool(2)")
+    loader_p = _find(measurements, "loader: DataLoader num_workers=2, persistent")
+    bare_p = _find(measurements, "bare: same loop in a persistent Pool(2)")
     return {
         "loader / bare, 1 process": loader_1.rate / bare_1.rate,
         "loader / bare, 1 process, by CPU time": bare_1.median_cpu / loader_1.median_cpu,
         "loader / bare, 2 processes": loader_2.rate / bare_2.rate,
         "loader speedup, 2 processes / 1": loader_2.rate / loader_1.rate,
         "bare speedup, 2 processes / 1": bare_2.rate / bare_1.rate,
+        "loader / bare, 2 persistent processes": loader_p.rate / bare_p.rate,
+        "loader speedup, 2 persistent processes / 1": loader_p.rate / loader_1.rate,
+        "bare speedup, 2 persistent processes / 1": bare_p.rate / bare_1.rate,
     }
 
 
@@ -524,6 +616,7 @@ def format_ratios(values: dict[str, float]) -> str:
         "loader / bare, 1 process, by CPU time": TARGET_LOADER_RATIO,
         "loader / bare, 2 processes": TARGET_LOADER_RATIO,
         "loader speedup, 2 processes / 1": TARGET_SPEEDUP,
+        "loader speedup, 2 persistent processes / 1": TARGET_SPEEDUP,
     }
     lines = []
     for label, value in values.items():

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import logging
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -173,10 +174,22 @@ def _write_tile_csv(path: Path, tiles: list[dict]) -> None:
         writer.writerows(tiles)
 
 
+def _single_threaded_worker() -> None:
+    """Start a slide worker with one torch thread, as torch's DataLoader workers do.
+
+    The tile reader resizes with torch. A forked worker that entered the OpenMP thread pool its
+    parent had already started would hang; with one thread torch never enters it. Parallelism comes
+    from the worker processes instead.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def _run_jobs(jobs: list[SlideJob], workers: int, show_progress: bool) -> list[SlideResult]:
     if workers == 1 or len(jobs) <= 1:
         return [process_slide(job) for job in progress_iter(jobs, "Tiling slides", show_progress)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
         return list(progress_iter(list(pool.map(process_slide, jobs)), "Tiling slides", show_progress))
 
 

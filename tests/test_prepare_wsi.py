@@ -209,7 +209,12 @@ def test_geojson_annotation_labels_tiles(tmp_path, prepare_slides):
 
 def test_workers_and_export_match_loader(tmp_path, prepare_slides):
     source = slide_folder(tmp_path, CMU, NDPI)
-    single, single_list, _ = prepare_slides(source)
+    single, single_list, out_single = prepare_slides(source)
+    # Resize a tile here first: torch then runs its thread pool in this process, which forked workers
+    # must not enter (they hung before workers were limited to one thread).
+    items = single_list["training"] + single_list["validation"]
+    resized = next(item for item in items if item["size"] != [item["tile_size"]] * 2)
+    assert WsiTileDataset([resized], out_single)[0]["image"].shape == (3, 224, 224)
     double, double_list, out = prepare_slides(source, workers=2, export_tiles=True)
     strip = lambda d: [{k: v for k, v in item.items() if k != "tile_image"} for item in d["training"] + d["validation"]]
     assert strip(single_list) == strip(double_list)
@@ -258,3 +263,55 @@ def test_slide_labels_csv_and_patient_split(tmp_path, prepare_slides):
     assert len({slide["split"] for slide in manifest["slides"]}) == 1
     items = datalist["training"] + datalist["validation"]
     assert {item["label"] for item in items} == {0, 1}
+
+
+@pytest.mark.parametrize("path, level, read_size, tile_size", [
+    (CMU, 0, (224, 224), 224),  # read as is
+    (CMU, 0, (448, 448), 224),  # whole-factor reduction
+    (NDPI, 1, (245, 245), 224),  # fractional shrink
+    (PYRAMID / "slide_cm_resolution.tif", 1, (128, 128), 128),  # pyramid level with borders
+    (PYRAMID / "slide_cm_resolution.tif", 0, (100, 100), 128),  # enlarging
+])
+def test_loader_reads_the_c_buffer_like_the_public_read_region(path, level, read_size, tile_size):
+    """The loader's direct ARGB read gives the pixels of openslide-python's public path, borders included."""
+    from fedimaging_app.tiles import _read_tile_public, read_tile
+
+    with openslide.OpenSlide(str(require(path))) as slide:
+        width, height = slide.dimensions
+        step = max(1, min(width, height) // 4)
+        # Inside the slide, across its right and bottom borders, and wholly outside it.
+        locations = [(x, y) for x in range(0, width, step) for y in range(0, height, step)]
+        locations += [(width - 40, height - 40), (width + 10, 0), (-30, -30)]
+        transparent_seen = False
+        for location in locations:
+            public = _read_tile_public(slide, location, level, read_size, tile_size, False)
+            fast = read_tile(slide, location, level, read_size, tile_size)
+            alpha = np.asarray(slide.read_region(location, level, read_size).getchannel("A"))
+            if read_size == (tile_size, tile_size) and np.any((alpha > 0) & (alpha < 255)):
+                # Half-transparent edge pixels: the loader lays premultiplied colour on white exactly
+                # (c + 255 - alpha); the public path first un-premultiplies with rounding, so +-1 there.
+                partial = (alpha > 0) & (alpha < 255)
+                assert np.abs(fast.astype(int) - public).max() <= 1
+                np.testing.assert_array_equal(fast[~partial], public[~partial])
+                continue
+            np.testing.assert_array_equal(fast, public, err_msg=f"{path.name} at {location}")
+            np.testing.assert_array_equal(read_tile(slide, location, level, read_size, tile_size, channels_first=True),
+                                          public.transpose(2, 0, 1))
+            transparent_seen |= bool(np.all(public == 255))
+        assert fast.shape == (tile_size, tile_size, 3)
+        assert transparent_seen  # a region outside the slide was read and is white
+
+
+def test_loader_falls_back_to_the_public_path_for_other_slide_objects(tmp_path):
+    from PIL import Image
+
+    from fedimaging_app.tiles import read_tile
+
+    rgba = np.zeros((60, 80, 4), dtype=np.uint8)
+    rgba[:30, :, :] = (200, 10, 20, 255)  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba).save(tmp_path / "half.png")
+    with openslide.ImageSlide(str(tmp_path / "half.png")) as slide:
+        pixels = read_tile(slide, (0, 0), 0, (80, 60), 40)
+    assert pixels.shape == (40, 40, 3)
+    assert np.all(pixels[:10] == (200, 10, 20))  # colour kept away from the edge
+    assert np.all(pixels[-10:] == 255)  # transparent laid on white

@@ -7,38 +7,144 @@ wsi --export-tiles`` and the training dataset both call it, so exported and trai
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 WHITE = (255, 255, 255)
+# Byte positions of red, green, blue and alpha in OpenSlide's 32-bit ARGB pixels on a little-endian machine.
+_R, _G, _B, _A = 2, 1, 0, 3
 
 
-def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int, int], tile_size: int) -> np.ndarray:
-    """Return the tile as (rows, columns, 3) uint8, resized to ``tile_size`` when ``read_size`` differs.
+def _argb_reader(slide):
+    """OpenSlide's C ``openslide_read_region`` for ``slide``, or None to use the public ``read_region``.
 
-    Compositing and resizing stay in Pillow: converting the RGBA region to numpy first costs more than
-    reading it. Only the alpha band is checked for transparency (a third of the cost of all four
-    bands). A read exactly k times the tile size is shrunk by averaging k x k blocks (Pillow's
-    ``reduce``, a box filter); other sizes use the bilinear filter, with ``reducing_gap=2`` letting
-    Pillow shrink by whole factors first.
+    openslide-python's ``read_region`` un-premultiplies every pixel and builds an RGBA image that the
+    loader would then convert again; reading the premultiplied ARGB buffer directly skips both. The
+    function is private to openslide-python (tested with 1.4), so any slide object or version without
+    it falls back to the public path, which gives the same pixels, and so do big-endian machines.
     """
-    region = slide.read_region((int(location[0]), int(location[1])), int(level), (int(read_size[0]), int(read_size[1])))
+    from ctypes import POINTER, c_uint32
+
+    if sys.byteorder != "little":
+        return None
+    try:
+        from openslide import lowlevel
+
+        c_read, handle = lowlevel._read_region, slide._osr
+    except (ImportError, AttributeError):
+        return None
+    pointer = POINTER(c_uint32)
+
+    def read(location, level, size) -> np.ndarray:
+        width, height = size
+        pixels = np.empty((height, width), dtype=np.uint32)  # OpenSlide clears and fills every pixel
+        c_read(handle, pixels.ctypes.data_as(pointer), int(location[0]), int(location[1]), int(level), width, height)
+        return pixels
+
+    return read
+
+
+def _bands_on_white(argb: np.ndarray, out: np.ndarray) -> None:
+    """Write premultiplied ARGB pixels as (3, rows, columns) RGB into ``out``, laid on white.
+
+    Premultiplied colour c over white is ``c + 255 - alpha``: transparent pixels outside the slide
+    become white, opaque ones keep their colour.
+    """
+    octets = argb.view(np.uint8).reshape(argb.shape + (4,))
+    alpha = octets[..., _A]
+    for band, position in enumerate((_R, _G, _B)):
+        out[band] = octets[..., position]
+    if alpha.min() < 255:
+        out += 255 - alpha  # never overflows: premultiplied colour is at most alpha
+
+
+def resize_planes(planes: torch.Tensor, tile_size: int, channels: list[int] | None = None) -> torch.Tensor:
+    """Resize (1, channels, rows, columns) uint8 to contiguous (channels, tile_size, tile_size) uint8.
+
+    Antialiased bilinear, the filter of Pillow's ``BILINEAR`` (values agree within 1), computed by
+    torch's vectorised uint8 kernel, about three times faster than Pillow's. Every channel is resized
+    alone; ``channels`` picks and orders the channels of the result (default: all, as given).
+
+    Runs on one thread: a tile is too small to gain from more, and once torch has used its thread
+    pool, the idle pool threads keep spinning on the other cores while the next region is read
+    (measured: twice the CPU time per tile).
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        resized = F.interpolate(planes, size=(tile_size, tile_size), mode="bilinear", antialias=True,
+                                align_corners=False)[0]
+        return (resized if channels is None else resized[channels]).contiguous()
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _whole_factor(size: tuple[int, int], tile_size: int) -> int:
+    """k when ``size`` is exactly k x k tiles (k > 1), else 0."""
+    factor = size[0] // tile_size
+    return factor if factor > 1 and size == (factor * tile_size, factor * tile_size) else 0
+
+
+def _from_bands(bands: np.ndarray, tile_size: int, channels_first: bool) -> np.ndarray:
+    """Resize (3, rows, columns) RGB to the tile size (see ``read_tile``) and lay it out as asked."""
+    size = (bands.shape[2], bands.shape[1])
+    if size == (tile_size, tile_size):
+        return bands if channels_first else np.ascontiguousarray(bands.transpose(1, 2, 0))
+    factor = _whole_factor(size, tile_size)
+    if factor:
+        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(bands.transpose(1, 2, 0))).reduce(factor))
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
+    planes = resize_planes(torch.from_numpy(bands)[None], tile_size)
+    return planes.numpy() if channels_first else np.ascontiguousarray(planes.numpy().transpose(1, 2, 0))
+
+
+def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int, int], tile_size: int,
+              channels_first: bool = False) -> np.ndarray:
+    """Return the tile as uint8 (rows, columns, 3), or (3, rows, columns) with ``channels_first``.
+
+    The region is read at ``level`` from level-0 ``location`` and laid on white where it is
+    transparent (outside the slide). When ``read_size`` differs from ``tile_size`` it is resized: a
+    region exactly k times the tile size by averaging k x k blocks (Pillow's ``reduce``), any other
+    by antialiased bilinear interpolation (``resize_planes``).
+    """
+    size = (int(read_size[0]), int(read_size[1]))
+    reader = _argb_reader(slide)
+    if reader is None:
+        return _read_tile_public(slide, location, level, size, tile_size, channels_first)
+    argb = reader(location, level, size)
+    octets = argb.view(np.uint8).reshape(argb.shape + (4,))
+    if size != (tile_size, tile_size) and octets[..., _A].min() == 255:
+        # Opaque and resized: work on OpenSlide's buffer directly, without a separate RGB copy.
+        factor = _whole_factor(size, tile_size)
+        if factor:
+            pixels = np.asarray(Image.frombuffer("RGB", size, argb, "raw", "BGRX", 0, 1).reduce(factor))
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
+        planes = resize_planes(torch.from_numpy(octets).permute(2, 0, 1)[None], tile_size, [_R, _G, _B])
+        return planes.numpy() if channels_first else np.ascontiguousarray(planes.numpy().transpose(1, 2, 0))
+    bands = np.empty((3, size[1], size[0]), dtype=np.uint8)
+    _bands_on_white(argb, bands)
+    return _from_bands(bands, tile_size, channels_first)
+
+
+def _read_tile_public(slide, location, level, size, tile_size, channels_first) -> np.ndarray:
+    """``read_tile`` through openslide-python's public ``read_region`` (straight, not premultiplied, RGBA)."""
+    region = slide.read_region((int(location[0]), int(location[1])), int(level), size)
     alpha_low, _ = region.getchannel("A").getextrema()
     if alpha_low == 255:
         image = region.convert("RGB")
     else:  # outside the slide OpenSlide returns transparent pixels: lay them on white
         image = Image.alpha_composite(Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
-    if image.size != (tile_size, tile_size):
-        factor = image.size[0] // tile_size
-        if factor > 1 and image.size == (factor * tile_size, factor * tile_size):
-            image = image.reduce(factor)
-        else:
-            image = image.resize((tile_size, tile_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(image)
+    bands = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+    return _from_bands(bands, tile_size, channels_first)
 
 
 class WsiTileDataset(Dataset):
@@ -74,17 +180,18 @@ class WsiTileDataset(Dataset):
             self._slides[relative_path] = slide
         return slide
 
-    def read_pixels(self, item: dict) -> np.ndarray:
-        """Return the item's tile as (rows, columns, 3) uint8."""
+    def read_pixels(self, item: dict, channels_first: bool = False) -> np.ndarray:
+        """Return the item's tile as uint8 (rows, columns, 3), or (3, rows, columns) with ``channels_first``."""
         if "location" in item:
             return read_tile(self._slide(item["image"]), tuple(item["location"]), item["level"],
-                             tuple(item["size"]), item["tile_size"])
+                             tuple(item["size"]), item["tile_size"], channels_first=channels_first)
         with Image.open(self.root / item["image"]) as image:
-            return np.asarray(image.convert("RGB"))
+            pixels = np.asarray(image.convert("RGB"))
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        sample = {"image": np.ascontiguousarray(self.read_pixels(item).transpose(2, 0, 1)), "label": item.get("label", -1)}
+        sample = {"image": self.read_pixels(item, channels_first=True), "label": item.get("label", -1)}
         return self.transform(sample) if self.transform is not None else sample
 
     def close(self) -> None:

@@ -93,6 +93,7 @@ class ClassificationEngine:
         self.patients = [data.patient_of.get(unit_id(i), unit_id(i)) for i in self.val_items]
         self._global_step = 0
         self._optimizer = None
+        self._loaders: dict[str, DataLoader] = {}
 
     @property
     def n_training_cases(self) -> int:
@@ -102,14 +103,28 @@ class ClassificationEngine:
         labels = [self.mapping[i["class_name"]] for i in items]
         return _Normalised(WsiTileDataset(items, self.root), labels, self.job.model.image_size)
 
+    def _loader(self, split: str) -> DataLoader:
+        """The site's training or validation DataLoader, made once and kept for every round.
+
+        With ``num_workers`` set, its worker processes and their open slides persist across rounds
+        and epochs instead of starting again each round. Training order comes from one generator
+        seeded with the job's seed, so a rerun of the job draws the same order.
+        """
+        if split not in self._loaders:
+            training = split == "train"
+            workers = self.site.num_workers
+            self._loaders[split] = DataLoader(
+                self._dataset(self.train_items if training else self.val_items), batch_size=self.job.batch_size,
+                shuffle=training, num_workers=workers, persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(self.job.seed) if training else None)
+        return self._loaders[split]
+
     def train(self, model: torch.nn.Module, global_model: torch.nn.Module | None, writer, round_number: int) -> float:
         """Train with class-weighted cross-entropy; return the mean loss of the round's last pass."""
-        dataset = self._dataset(self.train_items)
-        counts = np.bincount(dataset.labels, minlength=len(self.job.classes)).astype(np.float64)
+        loader = self._loader("train")
+        counts = np.bincount(loader.dataset.labels, minlength=len(self.job.classes)).astype(np.float64)
         weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, np.count_nonzero(counts)), 0.0)
         criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=self.device))
-        loader = DataLoader(dataset, batch_size=self.job.batch_size, shuffle=True, num_workers=self.site.num_workers,
-                            generator=torch.Generator().manual_seed(self.job.seed + round_number))
         # The optimizer (and its moment estimates) persists across rounds at the site; the global weights
         # are loaded into the same parameters each round.
         if self._optimizer is None:
@@ -146,8 +161,7 @@ class ClassificationEngine:
     def validate(self, model: torch.nn.Module) -> dict:
         """Accuracy, balanced accuracy and one-vs-rest AUC, with patient-level bootstrap intervals."""
         model.eval()
-        dataset = self._dataset(self.val_items)
-        loader = DataLoader(dataset, batch_size=self.job.batch_size, shuffle=False, num_workers=self.site.num_workers)
+        loader = self._loader("validation")
         probabilities, truth = [], []
         for images, labels in loader:
             probabilities.append(torch.softmax(model(images.to(self.device)), dim=1).cpu())
