@@ -20,7 +20,9 @@ For every slide the script prints, with the median of ``--repeats`` timed runs a
   (the path training uses): indexed in one process, and through a torch ``DataLoader`` with
   ``num_workers=0`` and ``num_workers=2``;
 * the baseline on the same items in the same run: a bare loop of ``OpenSlide.read_region`` plus
-  ``.convert("RGB")``, in one process and split over a ``multiprocessing.Pool`` of 2 processes.
+  ``.convert("RGB")``, in one process and split over a ``multiprocessing.Pool`` of 2 processes;
+* both 2-process methods twice: with processes started in every pass, and with processes started
+  once and kept for every pass (``persistent_workers=True``, as training reads tiles).
 
 It also runs ``prepare_wsi`` on a folder holding all three slides with ``workers`` 1 and 2, with
 and without export, because the step spreads work over processes one slide at a time.
@@ -65,7 +67,7 @@ from torch.utils.data import DataLoader
 from preprocessing.output import DATALIST_NAME
 from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
 from preprocessing.wsi.dataset import WsiTileDataset
-from fedimaging_app.tiles import read_tile, resize_planes
+from fedimaging_app.tiles import read_tile, resize_bands
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLIDE_FOLDER = REPO_ROOT.parent / "shared" / "data" / "pathology" / "slides"
@@ -482,8 +484,9 @@ def per_tile_costs(items: list[dict], root: Path) -> dict[str, float]:
         timed("loader: read_tile, (3, H, W) uint8", lambda item: read_tile(
             slide, tuple(item["location"]), item["level"], tuple(item["size"]), tile_size, channels_first=True), sample)
     if regions[0].size != (tile_size, tile_size):
-        planes = [torch.from_numpy(np.array(region.convert("RGB"))).permute(2, 0, 1)[None] for region in regions]
-        timed(f"of which: resize to {tile_size}", lambda plane: resize_planes(plane, tile_size), planes)
+        # The loader's own choice of method: Pillow's reduce for whole factors, else torch's bilinear kernel.
+        bands = [np.ascontiguousarray(np.asarray(region.convert("RGB")).transpose(2, 0, 1)) for region in regions]
+        timed(f"of which: resize to {tile_size}", lambda band: resize_bands(band, tile_size, True), bands)
     return costs
 
 

@@ -53,7 +53,7 @@ SCALE = float(2**FRACTION_BITS)
 LIMIT = 2.0 ** (31 - FRACTION_BITS)  # the weighted sum must stay in (-LIMIT, LIMIT)
 SEED_BYTES = 16  # Shamir over GF(2^128) shares 16-byte secrets
 _NONCE = bytes(16)  # every ChaCha20 key is used for one stream only
-CHUNK = 1 << 18  # values per block when encoding and masking: 1-2 MB of scratch that stays in cache
+CHUNK = 1 << 18  # values per block when encoding and masking (2 MB of reused float64 scratch per buffer)
 
 
 class SecAggError(RuntimeError):
@@ -167,7 +167,7 @@ def _encode_into(out: np.ndarray, start: int, new: np.ndarray, old: np.ndarray |
     """Write ``rint(scale * (new - old))`` as ring elements to ``out[start:]``, checking every block first.
 
     Works in blocks of ``CHUNK`` values in float64 scratch space, so no update-sized float64 copy is
-    made; raises ``SecAggError`` for a NaN, an infinity or a value of magnitude ``LIMIT`` or more.
+    made. Raises ``SecAggError`` for a NaN, an infinity or a value of magnitude ``LIMIT`` or more.
     """
     for offset in range(0, new.size, CHUNK):
         count = min(CHUNK, new.size - offset)

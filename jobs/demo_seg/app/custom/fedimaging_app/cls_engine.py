@@ -104,7 +104,7 @@ class ClassificationEngine:
         return _Normalised(WsiTileDataset(items, self.root), labels, self.job.model.image_size)
 
     def _loader(self, split: str) -> DataLoader:
-        """The site's training or validation DataLoader, made once and kept for every round.
+        """Return the site's training or validation DataLoader, made on first use and kept for every round.
 
         With ``num_workers`` set, its worker processes and their open slides persist across rounds
         and epochs instead of starting again each round. Training order comes from one generator

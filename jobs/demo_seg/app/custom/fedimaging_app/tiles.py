@@ -62,7 +62,7 @@ def _bands_on_white(argb: np.ndarray, out: np.ndarray) -> None:
     for band, position in enumerate((_R, _G, _B)):
         out[band] = octets[..., position]
     if alpha.min() < 255:
-        out += 255 - alpha  # never overflows: premultiplied colour is at most alpha
+        out += 255 - alpha  # cannot overflow: OpenSlide's premultiplied colour is at most alpha
 
 
 def resize_planes(planes: torch.Tensor, tile_size: int, channels: list[int] | None = None) -> torch.Tensor:
@@ -72,9 +72,9 @@ def resize_planes(planes: torch.Tensor, tile_size: int, channels: list[int] | No
     torch's vectorised uint8 kernel, about three times faster than Pillow's. Every channel is resized
     alone; ``channels`` picks and orders the channels of the result (default: all, as given).
 
-    Runs on one thread: a tile is too small to gain from more, and once torch has used its thread
-    pool, the idle pool threads keep spinning on the other cores while the next region is read
-    (measured: twice the CPU time per tile).
+    Runs on one thread, because a tile is too small to gain from more. Once torch has used its
+    thread pool, the idle pool threads also keep spinning on the other cores while the next region
+    is read, which doubled the loader's CPU time per tile in ``benchmarks/bench_prepare_wsi.py``.
     """
     threads = torch.get_num_threads()
     if threads > 1:
@@ -94,7 +94,7 @@ def _whole_factor(size: tuple[int, int], tile_size: int) -> int:
     return factor if factor > 1 and size == (factor * tile_size, factor * tile_size) else 0
 
 
-def _from_bands(bands: np.ndarray, tile_size: int, channels_first: bool) -> np.ndarray:
+def resize_bands(bands: np.ndarray, tile_size: int, channels_first: bool) -> np.ndarray:
     """Resize (3, rows, columns) RGB to the tile size (see ``read_tile``) and lay it out as asked."""
     size = (bands.shape[2], bands.shape[1])
     if size == (tile_size, tile_size):
@@ -132,7 +132,7 @@ def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int
         return planes.numpy() if channels_first else np.ascontiguousarray(planes.numpy().transpose(1, 2, 0))
     bands = np.empty((3, size[1], size[0]), dtype=np.uint8)
     _bands_on_white(argb, bands)
-    return _from_bands(bands, tile_size, channels_first)
+    return resize_bands(bands, tile_size, channels_first)
 
 
 def _read_tile_public(slide, location, level, size, tile_size, channels_first) -> np.ndarray:
@@ -144,7 +144,7 @@ def _read_tile_public(slide, location, level, size, tile_size, channels_first) -
     else:  # outside the slide OpenSlide returns transparent pixels: lay them on white
         image = Image.alpha_composite(Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
     bands = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
-    return _from_bands(bands, tile_size, channels_first)
+    return resize_bands(bands, tile_size, channels_first)
 
 
 class WsiTileDataset(Dataset):
