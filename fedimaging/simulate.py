@@ -105,6 +105,19 @@ def _refuse_homomorphic_encryption(job: Path) -> None:
                               "simulate the same spec without homomorphic_encryption")
 
 
+def _check_job_config(job: Path) -> None:
+    """Reject an invalid job configuration here, before the simulator starts and buries the reason in its log."""
+    from fedimaging_app.config import JOB_CONFIG_FILE_NAME, ConfigError, load_job_config
+
+    job_config = job / "app" / "custom" / JOB_CONFIG_FILE_NAME
+    if not job_config.is_file():
+        return  # a plain NVFlare job without fedimaging's client code
+    try:
+        load_job_config(job_config)
+    except ConfigError as exc:
+        raise SimulationError(f"{exc}. Fix the job's spec and build the job again (python -m jobs.build)") from exc
+
+
 def check_outcome(workspace: Path) -> SimulationResult:
     """Raise ``SimulationError`` unless the final global model and cross-site results exist."""
     server_dirs = list(workspace.glob("**/server/simulate_job"))
@@ -122,7 +135,31 @@ def check_outcome(workspace: Path) -> SimulationResult:
     if problems:
         logs = sorted(str(p.relative_to(workspace)) for p in workspace.glob("**/log.txt"))
         raise SimulationError(f"the job did not complete: {'; '.join(problems)}. Read the logs: {', '.join(logs)}")
+    blocked = _phi_guard_blocks(workspace)
+    if blocked:
+        raise SimulationError(
+            "the job ran, but the PHI guard blocked results at "
+            + "; ".join(f"{site} ({count} log lines; first: {line})" for site, (count, line) in sorted(blocked.items()))
+            + ". Those results never reached the server, so the global model and the report leave them out. "
+            "Remove the identifier from what the job's code sends, then run the job again")
     return SimulationResult(workspace, server_dir, model, results)
+
+
+PHI_BLOCK_MARK = "PHI guard blocked"
+
+
+def _phi_guard_blocks(workspace: Path) -> dict[str, tuple[int, str]]:
+    """Sites whose logs record a message the PHI guard blocked: the count and the first log message."""
+    blocked: dict[str, tuple[int, str]] = {}
+    for log in sorted(workspace.glob("sim/*/log.txt")) + sorted(workspace.glob("sim/*/*/log.txt")):
+        site = log.relative_to(workspace / "sim").parts[0]
+        if site == "server":
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if PHI_BLOCK_MARK in line:
+                count, first = blocked.get(site, (0, line[line.index(PHI_BLOCK_MARK):].strip()))
+                blocked[site] = (count + 1, first)
+    return blocked
 
 
 def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | None = None,
@@ -135,6 +172,7 @@ def simulate(job: Path, site_files: list[Path], workspace: Path, rounds: int | N
     if not (job / "meta.json").is_file():
         raise SimulationError(f"{job}: not an NVFlare job folder (no meta.json); pass a folder from jobs/")
     _refuse_homomorphic_encryption(job)
+    _check_job_config(job)
     sites = _load_sites(site_files)
     workspace = workspace.resolve()
     if workspace.exists() and any(workspace.iterdir()):

@@ -202,15 +202,43 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
     return destination / name
 
 
+def _read_spec(path: Path) -> dict:
+    """Read and validate a spec file; raises ``ValueError`` naming the file and every invalid field."""
+    sys.path.insert(0, str(APP_CUSTOM))
+    from fedimaging_app.config import ConfigError, load_job_config
+
+    try:
+        load_job_config(path)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return json.loads(path.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help="job names (default: every spec in jobs/specs)")
     parser.add_argument("--into", type=Path, default=REPO / "jobs", help="folder to write job folders into")
+    parser.add_argument("--spec", type=Path, action="append", default=[],
+                        help="build a job from this spec file instead of jobs/specs (repeatable); the job is named "
+                             "after the file. Use with --into to keep your own jobs outside the repository")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of FedAvg in the built jobs (default 3)")
+    parser.add_argument("--min-clients", type=int, default=3,
+                        help="sites the jobs wait for and train each round (default 3)")
     args = parser.parse_args(argv)
-    names = args.names or sorted(p.stem for p in SPECS.glob("*.json"))
-    for name in names:
-        path = export_job(name, args.into)
-        print(f"wrote {path}")
+    if args.spec and args.names:
+        parser.error("give job names or --spec files, not both")
+    if args.spec:
+        sources = [(path.stem, path) for path in args.spec]
+    else:
+        sources = [(name, SPECS / f"{name}.json") for name in (args.names or sorted(p.stem for p in SPECS.glob("*.json")))]
+    for name, path in sources:
+        try:
+            spec = _read_spec(path)
+        except ValueError as exc:
+            print(f"python -m jobs.build: error: {exc}", file=sys.stderr)
+            return 1
+        written = export_job(name, args.into, num_rounds=args.rounds, min_clients=args.min_clients, spec=spec)
+        print(f"wrote {written}")
     return 0
 
 

@@ -76,7 +76,8 @@ def test_all_checks_pass(federation, listening, tmp_path):
     results = by_name(run_checks(config, job=DEMO_JOB))
     failed = {name: r.message for name, r in results.items() if not r.ok}
     assert failed == {}
-    assert set(results) == {"site configuration", "prepared data", "label mapping", "device", "startup kit", "server"}
+    assert set(results) == {"site configuration", "prepared data", "PHI identifier list", "job configuration",
+                            "label mapping", "device", "startup kit", "server"}
 
 
 def test_command_exit_status(federation, listening, tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_command_exit_status(federation, listening, tmp_path, capsys):
 
     config = write_config(tmp_path / "site-1.yaml", federation["data"], federation["kits"].kit("site-1"))
     assert main(["site", "check", "--config", str(config), "--job", str(DEMO_JOB)]) == 0
-    assert "all 6 checks passed" in capsys.readouterr().out
+    assert "all 8 checks passed" in capsys.readouterr().out
     broken = write_config(tmp_path / "broken.yaml", tmp_path / "absent", federation["kits"].kit("site-1"))
     assert main(["site", "check", "--config", str(broken)]) == 1
     output = capsys.readouterr().out
@@ -243,3 +244,29 @@ def test_label_mapping_names_unannotated_optional_class(federation, tmp_path):
     assert result.ok, result.message
     assert "aorta" in result.message
     assert "optional classes not annotated at this site: liver" in result.message
+
+
+def test_phi_list_missing(federation, tmp_path):
+    data = tmp_path / "prepared"
+    shutil.copytree(federation["data"], data)
+    (data / "phi_identifiers.json").unlink()
+    config = write_config(tmp_path / "site-1.yaml", data, federation["kits"].kit("site-1"))
+    result = by_name(run_checks(config, job=DEMO_JOB))["PHI identifier list"]
+    assert not result.ok
+    assert "phi_identifiers.json is missing" in result.message
+
+
+def test_invalid_job_configuration(federation, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(DEMO_JOB, job)
+    job_file = job / "app" / "custom" / "fedimaging_job.json"
+    spec = json.loads(job_file.read_text())
+    spec["secure_aggregation"] = {}
+    spec["aggregation"] = {"method": "median"}
+    job_file.write_text(json.dumps(spec))
+    config = write_config(tmp_path / "site-1.yaml", federation["data"], federation["kits"].kit("site-1"))
+    results = by_name(run_checks(config, job=job))
+    assert not results["job configuration"].ok
+    assert "cannot be combined with secure_aggregation" in results["job configuration"].message
+    assert not results["label mapping"].ok
+    assert "job configuration is missing or invalid" in results["label mapping"].message

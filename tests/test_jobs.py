@@ -64,3 +64,33 @@ def test_rounds_set_when_exporter_omits_default(tmp_path):
     _set_rounds(job, 7)
     (fedavg,) = [w for w in json.loads(config_path.read_text())["workflows"] if w["id"] == "controller"]
     assert fedavg["args"]["num_rounds"] == 7
+
+
+def test_build_from_spec_outside_repository(tmp_path, capsys):
+    from jobs.build import main
+
+    spec = json.loads((SPECS / "seg_fedavg.json").read_text())
+    spec["differential_privacy"] = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5}
+    spec_file = tmp_path / "my_dp_job.json"
+    spec_file.write_text(json.dumps(spec))
+    assert main(["--spec", str(spec_file), "--into", str(tmp_path / "built"), "--rounds", "5"]) == 0
+    built = tmp_path / "built" / "my_dp_job"
+    config = json.loads((built / "app" / "custom" / "fedimaging_job.json").read_text())
+    assert config["differential_privacy"]["noise_multiplier"] == 1.0
+    server = json.loads((built / "app" / "config" / "config_fed_server.json").read_text())
+    assert any(w.get("args", {}).get("num_rounds") == 5 for w in server["workflows"])
+
+
+def test_build_reports_invalid_spec(tmp_path, capsys):
+    from jobs.build import main
+
+    spec = json.loads((SPECS / "seg_fedavg.json").read_text())
+    spec["secure_aggregation"] = {}
+    spec["aggregation"] = {"method": "median"}
+    spec_file = tmp_path / "bad.json"
+    spec_file.write_text(json.dumps(spec))
+    assert main(["--spec", str(spec_file), "--into", str(tmp_path / "built")]) == 1
+    error = capsys.readouterr().err
+    assert str(spec_file) in error
+    assert "cannot be combined with secure_aggregation" in error
+    assert not (tmp_path / "built" / "bad").exists()

@@ -290,7 +290,11 @@ def test_guard_blocks_a_job_that_sends_an_identifier(segmentation_sites, tmp_pat
     job = recording_job("seg_fedavg", tmp_path, messages, spec=spec)
     (job / "app" / "custom" / "seg_client.py").write_text(LEAKY_CLIENT)
     workspace = tmp_path / "ws"
-    fedimaging("simulate", job, "--sites", *sites, "--workspace", workspace, "--rounds", 1, check=False, timeout=900)
+    run = fedimaging("simulate", job, "--sites", *sites, "--workspace", workspace, "--rounds", 1, check=False,
+                     timeout=900)
+    # simulate reports the block instead of a completed job.
+    assert run.returncode != 0
+    assert "PHI guard blocked results at site-1" in run.stderr
     site_logs = "\n".join(p.read_text(errors="replace") for p in (workspace / "sim" / "site-1").rglob("log.txt"))
     site_logs += (workspace / "simulator.log").read_text(errors="replace") if (workspace / "simulator.log").exists() else ""
     assert "PHI guard blocked the result of task 'train'" in site_logs

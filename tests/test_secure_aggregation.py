@@ -366,3 +366,19 @@ def test_site_killed_after_masking_leaves_the_correct_aggregate_of_the_others(tm
     aggregate = flat(dict(np.load(aggregate_file)))
     assert np.allclose(aggregate, expected, rtol=1e-6, atol=(2 * TOLERANCE_PER_SITE) / surviving_fraction + 1e-7)
     assert "left out: site-c" in log
+
+
+def test_simulate_rejects_invalid_job_before_starting(tmp_path):
+    from fedimaging.simulate import SimulationError, simulate
+
+    job = tmp_path / "seg_secagg"
+    shutil.copytree(REPO / "jobs" / "seg_secagg", job)
+    job_file = job / "app" / "custom" / "fedimaging_job.json"
+    spec = json.loads(job_file.read_text())
+    spec["aggregation"] = {**spec.get("aggregation", {}), "method": "median"}
+    job_file.write_text(json.dumps(spec))
+    with pytest.raises(SimulationError) as raised:
+        simulate(job, [tmp_path / "site-1.yaml"], tmp_path / "workspace")
+    assert str(job_file) in str(raised.value)
+    assert "cannot be combined with secure_aggregation" in str(raised.value)
+    assert not (tmp_path / "workspace").exists()

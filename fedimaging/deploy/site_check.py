@@ -98,6 +98,38 @@ def _class_available(source, cases: list[dict], local_classes: set[str]) -> bool
     return True  # all_other_classes: whatever is left
 
 
+def check_phi_identifiers(site) -> CheckResult:
+    """Check that the PHI guard can load the site's identifier list with the site's pseudonym key."""
+    from fedimaging_app.phi_guard import identifiers_of
+
+    name = "PHI identifier list"
+    try:
+        identifiers = identifiers_of(site)
+    except ValueError as exc:
+        return _failed(name, str(exc), "without the list every job refuses to train at this site; prepare the "
+                                       "data again, or point key_file at the key that fedimaging prepare used")
+    return CheckResult(name, True, f"{site.data_dir}: {len(identifiers)} identifier digests, readable with the "
+                                   "site's key")
+
+
+def check_job(job: Path | None) -> CheckResult:
+    """Check that the job folder contains a valid fedimaging job configuration."""
+    from fedimaging_app.config import ConfigError, load_job_config
+
+    name = "job configuration"
+    if job is None:
+        return CheckResult(name, True, "not checked; pass --job JOB to check it")
+    config_path = _job_config_path(job)
+    if config_path is None:
+        return _failed(name, f"{job}: no app*/custom/fedimaging_job.json",
+                       "pass a job folder from jobs/ (or the job the lead researcher will submit)")
+    try:
+        load_job_config(config_path)
+    except ConfigError as exc:
+        return _failed(name, str(exc), "ask the lead researcher for a job built from a valid spec")
+    return CheckResult(name, True, f"{config_path}: valid")
+
+
 def check_label_mapping(site, job: Path | None) -> CheckResult:
     """Check that every required class of the job is mapped, and found in the prepared data."""
     from fedimaging_app.config import ConfigError, load_job_config
@@ -106,13 +138,13 @@ def check_label_mapping(site, job: Path | None) -> CheckResult:
     if job is None:
         return CheckResult(name, True, "not checked against a job; pass --job JOB to check it")
     config_path = _job_config_path(job)
-    if config_path is None:
-        return _failed(name, f"{job}: no app*/custom/fedimaging_job.json",
-                       "pass a job folder from jobs/ (or the job the lead researcher will submit)")
     try:
-        job_config = load_job_config(config_path)
-    except ConfigError as exc:
-        return _failed(name, str(exc), "ask the lead researcher for a valid job folder")
+        job_config = load_job_config(config_path) if config_path is not None else None
+    except ConfigError:
+        job_config = None
+    if job_config is None:
+        return _failed(name, "not checked, because the job configuration is missing or invalid",
+                       "see the job configuration check")
     mapping = site.label_mapping
     missing = [cls for cls, need in job_config.classes.items() if need == "required" and cls not in mapping]
     unknown = sorted(set(mapping) - set(job_config.classes))
@@ -263,6 +295,8 @@ def run_checks(config_path: Path, job: Path | None = None, connect_timeout_s: fl
         return [_failed("site configuration", str(exc), "fix the file; site_configs/README.md lists the fields")]
     results = [CheckResult("site configuration", True, f"{config_path}: site {site.site_name}")]
     results.append(check_data(site.data_dir))
+    results.append(check_phi_identifiers(site))
+    results.append(check_job(job))
     results.append(check_label_mapping(site, job))
     results.append(check_device(site.device))
     results.append(check_startup_kit(site.startup_kit, site.site_name))

@@ -105,7 +105,11 @@ def load_site_identifiers(site_name: str) -> IdentifierList:
     """Load this site's identifier list with its pseudonym key; raises ``ValueError`` saying what to fix."""
     from fedimaging_app.config import load_site_config, locate_site_config
 
-    site = load_site_config(locate_site_config(site_name))
+    return identifiers_of(load_site_config(locate_site_config(site_name)))
+
+
+def identifiers_of(site) -> IdentifierList:
+    """Load the identifier list of a loaded site configuration; raises ``ValueError`` saying what to fix."""
     key_file = Path(site.key_file or os.environ.get("FEDIMAGING_KEY_FILE")
                     or IdentifierList.recorded_key_file(site.data_dir) or "~/.config/fedimaging/pseudonym.key")
     key_file = key_file.expanduser()
