@@ -450,3 +450,15 @@ def test_not_applicable_metric_is_not_failure(tmp_path):
     assert cell(report, "SRV_FL_global_model.pt", "site-1")["status"] in ("ok", "small_sample")
     assert any("covers fewer classes" in note for note in report["notes"])
     assert all(c["status"] != "failed" for c in report["cells"] if c["site"] == "site-1" and c["metric"] == METRICS[1])
+
+
+def test_secure_aggregation_noted(tmp_path):
+    result, _config = downloaded_job(tmp_path / "plain", cross_val_results(DICE_MEAN))
+    plain = make_report(result, tmp_path / "out-plain")
+    assert not any("Secure aggregation" in note for note in plain["notes"])
+
+    result, _config = downloaded_job(tmp_path / "masked", cross_val_results(DICE_MEAN))
+    config = result / "4f1c2d3e-job" / "app_server" / "custom" / "fedimaging_job.json"
+    write_json(config, {"task": "segmentation", "secure_aggregation": {}})
+    masked = make_report(result, tmp_path / "out-masked")
+    assert any(note.startswith("Secure aggregation (pairwise masking) was on") for note in masked["notes"])

@@ -68,6 +68,7 @@ def build_report(inputs: ReportInputs, generated_at: datetime | None = None) -> 
     best = _best_global(model_summaries, primary_metric, notes)
     provenance = _provenance(inputs, sites, rows, parsed, generated_at, notes)
     _add_result_notes(sites, rows, parsed, inputs.run.site_problems, validators, notes)
+    notes.extend(_protection_notes(inputs.job_config.data if inputs.job_config is not None else None))
     lacking = sorted({cell.site for cell in cells if cell.status == NOT_APPLICABLE})
     if lacking and primary_metric == "dice_mean":
         notes.append(f"dice_mean averages the classes each site annotates, so at {', '.join(lacking)} it covers "
@@ -320,6 +321,21 @@ def _provenance(inputs: ReportInputs, sites, rows, parsed, generated_at, notes: 
         job_config_source=config_source,
         sites=site_entries,
     )
+
+
+def _protection_notes(job_config: Any) -> list[str]:
+    """Notes on how the job protected the sites' updates, read from its fedimaging_job.json."""
+    if not isinstance(job_config, dict):
+        return []
+    notes = []
+    if job_config.get("secure_aggregation") is not None:
+        notes.append("Secure aggregation (pairwise masking) was on: the server received only masked updates and "
+                     "learned only the weighted sum of each round's sites, so cross-site evaluation scored global "
+                     "models only.")
+    if job_config.get("homomorphic_encryption") is not None:
+        notes.append("Homomorphic encryption was on: the server aggregated encrypted updates, so cross-site "
+                     "evaluation scored global models only.")
+    return notes
 
 
 def _add_result_notes(sites, rows, parsed, site_problems, validators, notes: list[str]) -> None:

@@ -92,7 +92,7 @@ def find_inputs(result: Path) -> ReportInputs:
     run_path = _nearest(run_paths, results_path)
     run_file = _read_json(result, run_path) if run_path else None
     config_path = _nearest(config_paths, results_path)
-    job_config = _hash_only(result, config_path) if config_path else None
+    job_config = _read_json(result, config_path) if config_path else None
     run = parse_run_file(run_file) if run_file else RunInfo()
     return ReportInputs(results=results, run_file=run_file, job_config=job_config, run=run)
 
