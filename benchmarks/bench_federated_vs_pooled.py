@@ -1,6 +1,7 @@
 """Compare pooled, site-alone, FedAvg, FedProx, Ditto and FedBN training on one generated non-IID federation.
 
-Usage: python benchmarks/bench_federated_vs_pooled.py [--rounds R] [--steps-per-round S] [--json PATH]
+Usage: python benchmarks/bench_federated_vs_pooled.py [--rounds R] [--steps-per-round S] [--arms LIST]
+       [--lr-schedule constant|cosine] [--json PATH]
 
 The script generates each site with ``generate_radiology_site`` (its own ``site_index``) and prepares
 it with the real ``prepare_dicom``, which holds out ``--val-fraction`` of each site's patients for
@@ -24,6 +25,11 @@ model of ``jobs/specs/demo_seg.json`` (on the ``--spacing-mm`` grid with ``--pat
   keeps the parameters and running statistics of its norm layers (what a job does with an
   ``exclude_vars`` privacy filter on those layers).
 
+``--arms`` trains only the listed arms (for example ``pooled,fedavg``); targets that need a missing
+arm are not judged. ``--lr-schedule cosine`` lowers every arm's learning rate per round along a
+cosine from the job's rate towards 0. FedAvg and FedProx are validated after each quarter of the
+rounds, like pooled training, so the convergence of both is printed.
+
 Every model is validated with ``SegmentationEngine.validate`` on every site's held-out cases
 (``dice_mean`` over liver, aorta and lesion, with its patient-level bootstrap 95 % interval); Ditto's
 personal models and FedBN's site models only at their own site. The deterministic part of the
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import sys
@@ -72,6 +79,7 @@ FEDAVG_TARGET_RATIO = 0.97
 PERSONALISATION_TARGET_SHARE = 0.5
 HETEROGENEITY_TARGET_LOSS = 0.05
 DEVICE = torch.device("cpu")
+ARMS = ("pooled", "alone", "fedavg", "fedprox", "ditto", "fedbn")
 # BatchNorm layers of MONAI's UNet sit in its ADN blocks under the name "N".
 NORM_LAYER_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 
@@ -253,6 +261,22 @@ def average_states(states: list[dict], weights: list[int]) -> dict:
     return averaged
 
 
+def round_learning_rate(base: float, round_number: int, rounds: int, schedule: str) -> float:
+    """Return the learning rate of a round: constant, or cosine decay from ``base`` towards 0 over the rounds."""
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * (round_number - 1) / rounds))
+
+
+def train_round(engine: SegmentationEngine, model, global_model, round_number: int, args: argparse.Namespace) -> None:
+    """Run one round of ``engine.train`` at the round's learning rate (``--lr-schedule``)."""
+    rate = round_learning_rate(engine.job.learning_rate, round_number, args.rounds, args.lr_schedule)
+    if engine._optimizer is not None:  # the engine makes its Adam optimizer at the job's rate in round 1
+        for group in engine._optimizer.param_groups:
+            group["lr"] = rate
+    engine.train(model, global_model, None, round_number)
+
+
 def train_pooled(federation: Federation, spec: dict, args: argparse.Namespace) -> dict:
     """Train the pooled model, validating it after each quarter of the rounds to show whether it has converged."""
     job = job_with(spec, steps_per_round=args.steps_per_round * len(federation.sites))
@@ -264,7 +288,7 @@ def train_pooled(federation: Federation, spec: dict, args: argparse.Namespace) -
     train_s = 0.0
     for round_number in range(1, args.rounds + 1):
         started = time.monotonic()
-        engine.train(model, None, None, round_number)
+        train_round(engine, model, None, round_number, args)
         train_s += time.monotonic() - started
         if round_number in checkpoints:
             dice = federation.validate(model, job_with(spec))
@@ -284,7 +308,7 @@ def train_site_alone(federation: Federation, spec: dict, args: argparse.Namespac
         model = build_model(job)
         engine = federation.engine(index, job)
         for round_number in range(1, args.rounds + 1):
-            engine.train(model, None, None, round_number)
+            train_round(engine, model, None, round_number, args)
         models[f"{site['name']} alone"] = model
     train_s = time.monotonic() - started
     return {"models": models, "train_s": train_s,
@@ -299,20 +323,31 @@ def train_federated(federation: Federation, spec: dict, args: argparse.Namespace
     engines = [federation.engine(index, job) for index in range(len(federation.sites))]
     models = [build_model(job) for _ in engines]
     weights = [engine.n_training_cases for engine in engines]
-    started = time.monotonic()
+    checkpoints = sorted({max(1, round(args.rounds * quarter / 4)) for quarter in (1, 2, 3)})
+    curve = []
+    train_s = 0.0
     for round_number in range(1, args.rounds + 1):
+        started = time.monotonic()
         states = []
         for engine, model in zip(engines, models):
             model.load_state_dict(global_state)
             global_copy = copy.deepcopy(model).eval() if fedprox_mu > 0 else None
-            engine.train(model, global_copy, None, round_number)
+            train_round(engine, model, global_copy, round_number, args)
             states.append({key: value.detach().clone() for key, value in model.state_dict().items()})
         global_state = average_states(states, weights)
-    train_s = time.monotonic() - started
+        train_s += time.monotonic() - started
+        if round_number in checkpoints:
+            probe = build_model(job)
+            probe.load_state_dict(global_state)
+            dice = federation.validate(probe, job_with(spec))
+            curve.append({"steps": round_number * args.steps_per_round * len(engines), "site_mean": mean_value(dice),
+                          "per_class": class_means(dice)})
+            print(f"    {'FedAvg' if fedprox_mu == 0 else 'FedProx'} after {curve[-1]['steps']} steps: site mean "
+                  f"dice_mean {curve[-1]['site_mean']:.3f}", flush=True)
     model = build_model(job)
     model.load_state_dict(global_state)
     name = "FedAvg" if fedprox_mu == 0 else f"FedProx (mu {fedprox_mu:g})"
-    return {"models": {name: model}, "train_s": train_s,
+    return {"models": {name: model}, "train_s": train_s, "curve": curve,
             "steps": args.rounds * args.steps_per_round * len(engines)}
 
 
@@ -348,7 +383,7 @@ def train_fedbn(federation: Federation, spec: dict, args: argparse.Namespace) ->
         states = []
         for engine, model in zip(engines, models):
             model.load_state_dict(shared_state, strict=False)
-            engine.train(model, None, None, round_number)
+            train_round(engine, model, None, round_number, args)
             states.append({key: value.detach().clone() for key, value in model.state_dict().items()
                            if key not in local_keys})
         shared_state = average_states(states, weights)
@@ -382,9 +417,9 @@ def train_ditto(federation: Federation, spec: dict, args: argparse.Namespace) ->
             received = build_model(global_job)
             received.load_state_dict(global_state)
             received.eval()
-            personal_engines[index].train(personal_models[index], received, None, round_number)
+            train_round(personal_engines[index], personal_models[index], received, round_number, args)
             shared_models[index].load_state_dict(global_state)
-            global_engines[index].train(shared_models[index], None, None, round_number)
+            train_round(global_engines[index], shared_models[index], None, round_number, args)
             states.append({key: value.detach().clone() for key, value in shared_models[index].state_dict().items()})
         global_state = average_states(states, weights)
     train_s = time.monotonic() - started
@@ -500,6 +535,12 @@ def main() -> int:
                         help="training patch in voxels, replacing the spec's 48 48 32 (default 32 32 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed for generation, splits and training (default 0)")
     parser.add_argument("--skip-simulator", action="store_true", help="do not run FedAvg in the NVFlare simulator")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate per round in every arm: constant, or cosine decay towards 0 over the "
+                             "rounds (default constant)")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated arms to train (default all: {','.join(ARMS)}); targets that need a "
+                             "missing arm are not judged")
     parser.add_argument("--keep", type=Path, help="write the generated data and runs to this new folder and keep it")
     parser.add_argument("--json", type=Path, help="also write the machine, settings and results as JSON")
     args = parser.parse_args()
@@ -564,35 +605,51 @@ def main() -> int:
         seed_everything(args.seed)
         untrained = build_model(base_job)
         add_rows("untrained", {"models": {"untrained": untrained}, "steps": 0, "train_s": None})
-        pooled = train_pooled(federation, spec, args)
-        add_rows("pooled", pooled)
-        add_rows("site alone", train_site_alone(federation, spec, args))
-        fedavg = train_federated(federation, spec, args, 0.0)
-        add_rows("FedAvg", fedavg)
-        add_rows("FedProx", train_federated(federation, spec, args, args.fedprox_mu))
-        ditto = train_ditto(federation, spec, args)
-        started_val = time.monotonic()
-        personal_dice = {}
-        for index, model in enumerate(ditto["personal_models"]):
-            personal_dice.update(federation.validate(model, base_job, [index]))
-        rows.append({"arm": "Ditto", "name": f"Ditto personal (lambda {args.ditto_lambda:g})", "dice": personal_dice,
-                     "mean": mean_value(personal_dice), "steps": ditto["steps"], "train_s": ditto["train_s"],
-                     "val_s": time.monotonic() - started_val})
-        print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in {ditto['train_s']:.0f} s",
-              flush=True)
-        add_rows("Ditto", ditto)
-        fedbn = train_fedbn(federation, spec, args)
-        started_val = time.monotonic()
-        fedbn_dice = {}
-        for index, model in enumerate(fedbn["personal_models"]):
-            fedbn_dice.update(federation.validate(model, base_job, [index]))
-        rows.append({"arm": "FedBN", "name": "FedBN site models", "dice": fedbn_dice, "mean": mean_value(fedbn_dice),
-                     "steps": fedbn["steps"], "train_s": fedbn["train_s"], "val_s": time.monotonic() - started_val})
-        print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in {fedbn['train_s']:.0f} s "
-              f"({len(fedbn['local_keys'])} norm-layer tensors kept local)", flush=True)
+        arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+        unknown = sorted(set(arms) - set(ARMS))
+        if unknown:
+            parser.error(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        curves = {}
+        if "pooled" in arms:
+            pooled = train_pooled(federation, spec, args)
+            curves["pooled"] = pooled["curve"]
+            add_rows("pooled", pooled)
+        if "alone" in arms:
+            add_rows("site alone", train_site_alone(federation, spec, args))
+        if "fedavg" in arms:
+            fedavg = train_federated(federation, spec, args, 0.0)
+            curves["FedAvg"] = fedavg["curve"]
+            add_rows("FedAvg", fedavg)
+        if "fedprox" in arms:
+            fedprox = train_federated(federation, spec, args, args.fedprox_mu)
+            curves["FedProx"] = fedprox["curve"]
+            add_rows("FedProx", fedprox)
+        if "ditto" in arms:
+            ditto = train_ditto(federation, spec, args)
+            started_val = time.monotonic()
+            personal_dice = {}
+            for index, model in enumerate(ditto["personal_models"]):
+                personal_dice.update(federation.validate(model, base_job, [index]))
+            rows.append({"arm": "Ditto", "name": f"Ditto personal (lambda {args.ditto_lambda:g})",
+                         "dice": personal_dice, "mean": mean_value(personal_dice), "steps": ditto["steps"],
+                         "train_s": ditto["train_s"], "val_s": time.monotonic() - started_val})
+            print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in "
+                  f"{ditto['train_s']:.0f} s", flush=True)
+            add_rows("Ditto", ditto)
+        if "fedbn" in arms:
+            fedbn = train_fedbn(federation, spec, args)
+            started_val = time.monotonic()
+            fedbn_dice = {}
+            for index, model in enumerate(fedbn["personal_models"]):
+                fedbn_dice.update(federation.validate(model, base_job, [index]))
+            rows.append({"arm": "FedBN", "name": "FedBN site models", "dice": fedbn_dice,
+                         "mean": mean_value(fedbn_dice), "steps": fedbn["steps"], "train_s": fedbn["train_s"],
+                         "val_s": time.monotonic() - started_val})
+            print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in "
+                  f"{fedbn['train_s']:.0f} s ({len(fedbn['local_keys'])} norm-layer tensors kept local)", flush=True)
 
         simulator = None
-        if not args.skip_simulator:
+        if not args.skip_simulator and "fedavg" in arms:
             print("  FedAvg in the NVFlare simulator ...", flush=True)
             simulator = run_simulator(root, federation, spec, args)
             dice = {name: {key: ({"value": value["value"], "ci95": value.get("ci95")} if isinstance(value, dict)
@@ -611,62 +668,69 @@ def main() -> int:
     per_class_table(rows, site_names)
 
     by_name = {row["name"]: row for row in rows}
-    pooled_mean = by_name["pooled"]["mean"]
-    fedavg_mean = by_name["FedAvg"]["mean"]
-    personal_name = f"Ditto personal (lambda {args.ditto_lambda:g})"
-    personal_means = {"Ditto personal": by_name[personal_name]["mean"], "FedBN": by_name["FedBN site models"]["mean"]}
-
-    # Transfer loss: at each target site, the Dice of the model trained there minus the Dice of a model
-    # trained at another site alone, so differences in difficulty between sites cancel.
-    transfer = []
-    for target in site_names:
-        local = by_name[f"{target} alone"]["dice"][target]["dice_mean"]["value"]
-        for source in site_names:
-            if source != target:
-                foreign = by_name[f"{source} alone"]["dice"][target]["dice_mean"]["value"]
-                transfer.append({"trained_at": source, "validated_at": target, "local_dice": local,
-                                 "foreign_dice": foreign, "loss": local - foreign})
-    print("\nDice lost when a site-alone model is used at another site (local model's Dice minus it):")
-    for item in transfer:
-        print(f"  trained at {item['trained_at']}, validated at {item['validated_at']}: "
-              f"{item['local_dice']:.3f} - {item['foreign_dice']:.3f} = {item['loss']:+.3f}")
-    mean_loss = float(np.mean([item["loss"] for item in transfer]))
-    alone_own = float(np.mean([by_name[f"{s} alone"]["dice"][s]["dice_mean"]["value"] for s in site_names]))
-
-    ratio = fedavg_mean / pooled_mean if pooled_mean else None
-    gap = pooled_mean - fedavg_mean
-    recovered = {name: ((value - fedavg_mean) / gap if gap > 0 else None) for name, value in personal_means.items()}
     verdicts = {
-        "heterogeneity": {"mean_transfer_loss": mean_loss, "target": HETEROGENEITY_TARGET_LOSS,
-                          "met": mean_loss >= HETEROGENEITY_TARGET_LOSS},
-        "fedavg_vs_pooled": {"fedavg_mean": fedavg_mean, "pooled_mean": pooled_mean, "ratio": ratio,
-                             "target": FEDAVG_TARGET_RATIO, "met": ratio is not None and ratio >= FEDAVG_TARGET_RATIO},
-        "personalisation": {"site_means": personal_means, "gap_pooled_minus_fedavg": gap,
-                            "share_recovered": recovered, "target": PERSONALISATION_TARGET_SHARE,
-                            "met": {name: None if share is None else share >= PERSONALISATION_TARGET_SHARE
-                                    for name, share in recovered.items()}},
-        "pooled_curve": pooled["curve"],
+        "curves": curves,
         "preprocess_cache": {"cases": len(CACHE.entries), "cpu_s": CACHE.seconds, "per_case_cpu_s": CACHE.per_case_s},
         "untrained_mean": by_name["untrained"]["mean"],
-        "site_alone_own_site_mean": alone_own,
     }
     print("\nTargets:")
-    print(f"  heterogeneity: mean Dice loss of a site-alone model at the other sites {mean_loss:.3f} "
-          f"(target at least {HETEROGENEITY_TARGET_LOSS}): {'met' if verdicts['heterogeneity']['met'] else 'NOT met'}")
-    print(f"  FedAvg / pooled site-mean Dice: {fedavg_mean:.3f} / {pooled_mean:.3f} = {ratio:.3f} "
-          f"(target at least {FEDAVG_TARGET_RATIO}): {'met' if verdicts['fedavg_vs_pooled']['met'] else 'NOT met'}")
-    for name, value in personal_means.items():
-        share = recovered[name]
-        if share is None:
-            print(f"  personalisation: FedAvg is not below pooled (gap {gap:+.3f}), so there is no gap to recover; "
-                  f"{name} site mean {value:.3f}")
-        else:
-            print(f"  personalisation: {name} {value:.3f} recovers {share:.2f} of the gap {gap:.3f} between FedAvg and "
-                  f"pooled (target at least {PERSONALISATION_TARGET_SHARE}): "
-                  f"{'met' if share >= PERSONALISATION_TARGET_SHARE else 'NOT met'}")
-    print("  pooled convergence (site mean dice_mean after n steps): "
-          + ", ".join(f"{point['steps']}: {point['site_mean']:.3f}" for point in pooled["curve"])
-          + f", {by_name['pooled']['steps']}: {pooled_mean:.3f}")
+    transfer = []
+    if "alone" in arms:
+        # Transfer loss: at each target site, the Dice of the model trained there minus the Dice of a model
+        # trained at another site alone, so differences in difficulty between sites cancel.
+        for target in site_names:
+            local = by_name[f"{target} alone"]["dice"][target]["dice_mean"]["value"]
+            for source in site_names:
+                if source != target:
+                    foreign = by_name[f"{source} alone"]["dice"][target]["dice_mean"]["value"]
+                    transfer.append({"trained_at": source, "validated_at": target, "local_dice": local,
+                                     "foreign_dice": foreign, "loss": local - foreign})
+        print("  Dice lost when a site-alone model is used at another site (local model's Dice minus it):")
+        for item in transfer:
+            print(f"    trained at {item['trained_at']}, validated at {item['validated_at']}: "
+                  f"{item['local_dice']:.3f} - {item['foreign_dice']:.3f} = {item['loss']:+.3f}")
+        mean_loss = float(np.mean([item["loss"] for item in transfer]))
+        verdicts["heterogeneity"] = {"mean_transfer_loss": mean_loss, "target": HETEROGENEITY_TARGET_LOSS,
+                                     "met": mean_loss >= HETEROGENEITY_TARGET_LOSS}
+        verdicts["site_alone_own_site_mean"] = float(np.mean(
+            [by_name[f"{s} alone"]["dice"][s]["dice_mean"]["value"] for s in site_names]))
+        print(f"  heterogeneity: mean Dice loss of a site-alone model at the other sites {mean_loss:.3f} "
+              f"(target at least {HETEROGENEITY_TARGET_LOSS}): {'met' if verdicts['heterogeneity']['met'] else 'NOT met'}")
+    if "pooled" in arms and "fedavg" in arms:
+        pooled_mean, fedavg_mean = by_name["pooled"]["mean"], by_name["FedAvg"]["mean"]
+        ratio = fedavg_mean / pooled_mean if pooled_mean else None
+        verdicts["fedavg_vs_pooled"] = {"fedavg_mean": fedavg_mean, "pooled_mean": pooled_mean, "ratio": ratio,
+                                        "target": FEDAVG_TARGET_RATIO,
+                                        "met": ratio is not None and ratio >= FEDAVG_TARGET_RATIO}
+        print(f"  FedAvg / pooled site-mean Dice: {fedavg_mean:.3f} / {pooled_mean:.3f} = {ratio:.3f} "
+              f"(target at least {FEDAVG_TARGET_RATIO}): {'met' if verdicts['fedavg_vs_pooled']['met'] else 'NOT met'}")
+        gap = pooled_mean - fedavg_mean
+        personal_means = {}
+        if "ditto" in arms:
+            personal_means["Ditto personal"] = by_name[f"Ditto personal (lambda {args.ditto_lambda:g})"]["mean"]
+        if "fedbn" in arms:
+            personal_means["FedBN"] = by_name["FedBN site models"]["mean"]
+        recovered = {name: ((value - fedavg_mean) / gap if gap > 0 else None) for name, value in personal_means.items()}
+        if personal_means:
+            verdicts["personalisation"] = {
+                "site_means": personal_means, "gap_pooled_minus_fedavg": gap, "share_recovered": recovered,
+                "target": PERSONALISATION_TARGET_SHARE,
+                "met": {name: None if share is None else share >= PERSONALISATION_TARGET_SHARE
+                        for name, share in recovered.items()}}
+        for name, value in personal_means.items():
+            share = recovered[name]
+            if share is None:
+                print(f"  personalisation: FedAvg is not below pooled (gap {gap:+.3f}), so there is no gap to recover; "
+                      f"{name} site mean {value:.3f}")
+            else:
+                print(f"  personalisation: {name} {value:.3f} recovers {share:.2f} of the gap {gap:.3f} between FedAvg "
+                      f"and pooled (target at least {PERSONALISATION_TARGET_SHARE}): "
+                      f"{'met' if share >= PERSONALISATION_TARGET_SHARE else 'NOT met'}")
+    for name, curve in curves.items():
+        final = by_name["pooled" if name == "pooled" else next(r["name"] for r in rows if r["arm"] == name)]
+        print(f"  {name} convergence (site mean dice_mean after n steps): "
+              + ", ".join(f"{point['steps']}: {point['site_mean']:.3f}" for point in curve)
+              + f", {final['steps']}: {final['mean']:.3f}")
 
     if simulator is not None:
         fedavg_row = by_name["FedAvg"]
