@@ -624,29 +624,25 @@ def main() -> int:
             fedprox = train_federated(federation, spec, args, args.fedprox_mu)
             curves["FedProx"] = fedprox["curve"]
             add_rows("FedProx", fedprox)
+        def add_personal_rows(arm: str, name: str, outcome: dict, detail: str = "") -> None:
+            """Validate each site's personal model at its own site only, as one row."""
+            started_val = time.monotonic()
+            dice = {}
+            for index, model in enumerate(outcome["personal_models"]):
+                dice.update(federation.validate(model, base_job, [index]))
+            rows.append({"arm": arm, "name": name, "dice": dice, "mean": mean_value(dice), "steps": outcome["steps"],
+                         "train_s": outcome["train_s"], "val_s": time.monotonic() - started_val})
+            print(f"  {name}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in {outcome['train_s']:.0f} s"
+                  f"{detail}", flush=True)
+
         if "ditto" in arms:
             ditto = train_ditto(federation, spec, args)
-            started_val = time.monotonic()
-            personal_dice = {}
-            for index, model in enumerate(ditto["personal_models"]):
-                personal_dice.update(federation.validate(model, base_job, [index]))
-            rows.append({"arm": "Ditto", "name": f"Ditto personal (lambda {args.ditto_lambda:g})",
-                         "dice": personal_dice, "mean": mean_value(personal_dice), "steps": ditto["steps"],
-                         "train_s": ditto["train_s"], "val_s": time.monotonic() - started_val})
-            print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in "
-                  f"{ditto['train_s']:.0f} s", flush=True)
+            add_personal_rows("Ditto", f"Ditto personal (lambda {args.ditto_lambda:g})", ditto)
             add_rows("Ditto", ditto)
         if "fedbn" in arms:
             fedbn = train_fedbn(federation, spec, args)
-            started_val = time.monotonic()
-            fedbn_dice = {}
-            for index, model in enumerate(fedbn["personal_models"]):
-                fedbn_dice.update(federation.validate(model, base_job, [index]))
-            rows.append({"arm": "FedBN", "name": "FedBN site models", "dice": fedbn_dice,
-                         "mean": mean_value(fedbn_dice), "steps": fedbn["steps"], "train_s": fedbn["train_s"],
-                         "val_s": time.monotonic() - started_val})
-            print(f"  {rows[-1]['name']}: site mean dice_mean {rows[-1]['mean']:.3f}, trained in "
-                  f"{fedbn['train_s']:.0f} s ({len(fedbn['local_keys'])} norm-layer tensors kept local)", flush=True)
+            add_personal_rows("FedBN", "FedBN site models", fedbn,
+                              f" ({len(fedbn['local_keys'])} norm-layer tensors kept local)")
 
         simulator = None
         if not args.skip_simulator and "fedavg" in arms:
@@ -728,9 +724,10 @@ def main() -> int:
                       f"{'met' if share >= PERSONALISATION_TARGET_SHARE else 'NOT met'}")
     for name, curve in curves.items():
         final = by_name["pooled" if name == "pooled" else next(r["name"] for r in rows if r["arm"] == name)]
+        points = [(point["steps"], point["site_mean"]) for point in curve if point["steps"] != final["steps"]]
+        points.append((final["steps"], final["mean"]))
         print(f"  {name} convergence (site mean dice_mean after n steps): "
-              + ", ".join(f"{point['steps']}: {point['site_mean']:.3f}" for point in curve)
-              + f", {final['steps']}: {final['mean']:.3f}")
+              + ", ".join(f"{steps}: {mean:.3f}" for steps, mean in points))
 
     if simulator is not None:
         fedavg_row = by_name["FedAvg"]
