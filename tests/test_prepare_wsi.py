@@ -272,7 +272,7 @@ def test_slide_labels_csv_and_patient_split(tmp_path, prepare_slides):
     (PYRAMID / "slide_cm_resolution.tif", 1, (128, 128), 128),  # pyramid level with borders
     (PYRAMID / "slide_cm_resolution.tif", 0, (100, 100), 128),  # enlarging
 ])
-def test_loader_reads_the_c_buffer_like_the_public_read_region(path, level, read_size, tile_size):
+def test_loader_fast_path_matches_public_path(path, level, read_size, tile_size):
     """The loader's direct ARGB read gives the pixels of openslide-python's public path, borders included."""
     from fedimaging_app.tiles import _read_tile_public, read_tile
 
@@ -289,7 +289,7 @@ def test_loader_reads_the_c_buffer_like_the_public_read_region(path, level, read
             alpha = np.asarray(slide.read_region(location, level, read_size).getchannel("A"))
             if read_size == (tile_size, tile_size) and np.any((alpha > 0) & (alpha < 255)):
                 # Half-transparent edge pixels: the loader lays premultiplied colour on white exactly
-                # (c + 255 - alpha); the public path first un-premultiplies with rounding, so +-1 there.
+                # (c + 255 - alpha). The public path first un-premultiplies with rounding, so they may differ by 1.
                 partial = (alpha > 0) & (alpha < 255)
                 assert np.abs(fast.astype(int) - public).max() <= 1
                 np.testing.assert_array_equal(fast[~partial], public[~partial])
@@ -302,7 +302,7 @@ def test_loader_reads_the_c_buffer_like_the_public_read_region(path, level, read
         assert transparent_seen  # a region outside the slide was read and is white
 
 
-def test_loader_falls_back_to_the_public_path_for_other_slide_objects(tmp_path):
+def test_loader_fallback_for_image_slide(tmp_path):
     from PIL import Image
 
     from fedimaging_app.tiles import read_tile

@@ -107,7 +107,7 @@ def test_fixed_point_round_trip_and_range():
         site.mask(np.array([0.0, np.nan]), 0.5)
 
 
-def test_stream_blocks_match_the_cipher_and_wrap_modulo_2_32():
+def test_key_stream_blocks_match_cipher():
     """The block-wise key stream equals one ChaCha20 pass over zeros, across block boundaries."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
@@ -122,7 +122,7 @@ def test_stream_blocks_match_the_cipher_and_wrap_modulo_2_32():
     assert np.all(target == 2**32 - 1)
 
 
-def test_encoding_a_model_in_blocks_equals_encoding_its_flat_update():
+def test_block_encoding_matches_flat_encoding():
     import torch
 
     rng = np.random.default_rng(3)

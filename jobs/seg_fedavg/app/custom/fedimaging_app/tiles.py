@@ -6,9 +6,11 @@ wsi --export-tiles`` and the training dataset both call it, so exported and trai
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
+from ctypes import POINTER, c_uint32
 from pathlib import Path
 
 import numpy as np
@@ -22,33 +24,45 @@ WHITE = (255, 255, 255)
 _R, _G, _B, _A = 2, 1, 0, 3
 
 
-def _argb_reader(slide):
-    """OpenSlide's C ``openslide_read_region`` for ``slide``, or None to use the public ``read_region``.
+@functools.cache
+def _c_read_region():
+    """OpenSlide's C ``openslide_read_region`` as openslide-python binds it, or None where it is unusable.
 
     openslide-python's ``read_region`` un-premultiplies every pixel and builds an RGBA image that the
     loader would then convert again; reading the premultiplied ARGB buffer directly skips both. The
-    function is private to openslide-python (tested with 1.4), so any slide object or version without
-    it falls back to the public path, which gives the same pixels, and so do big-endian machines.
+    binding is private to openslide-python (tested with 1.4), so a version without it, and any
+    big-endian machine, uses the public path, which gives the same pixels.
     """
-    from ctypes import POINTER, c_uint32
-
     if sys.byteorder != "little":
         return None
     try:
         from openslide import lowlevel
 
-        c_read, handle = lowlevel._read_region, slide._osr
+        return lowlevel._read_region
     except (ImportError, AttributeError):
         return None
-    pointer = POINTER(c_uint32)
 
-    def read(location, level, size) -> np.ndarray:
-        width, height = size
-        pixels = np.empty((height, width), dtype=np.uint32)  # OpenSlide clears and fills every pixel
-        c_read(handle, pixels.ctypes.data_as(pointer), int(location[0]), int(location[1]), int(level), width, height)
-        return pixels
 
-    return read
+def _read_argb(slide, location, level, size: tuple[int, int]) -> np.ndarray | None:
+    """Read a region as (rows, columns) premultiplied ARGB uint32, or return None for the public path."""
+    c_read, handle = _c_read_region(), getattr(slide, "_osr", None)
+    if c_read is None or handle is None:  # not an openslide.OpenSlide (for example an ImageSlide)
+        return None
+    width, height = size
+    pixels = np.empty((height, width), dtype=np.uint32)  # OpenSlide clears and fills every pixel
+    c_read(handle, pixels.ctypes.data_as(POINTER(c_uint32)), int(location[0]), int(location[1]), int(level),
+           width, height)
+    return pixels
+
+
+def _laid_out_hwc(pixels: np.ndarray, channels_first: bool) -> np.ndarray:
+    """Return (rows, columns, 3) pixels as they are, or as contiguous (3, rows, columns)."""
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
+
+
+def _laid_out_chw(planes: np.ndarray, channels_first: bool) -> np.ndarray:
+    """Return (3, rows, columns) planes as they are, or as contiguous (rows, columns, 3)."""
+    return planes if channels_first else np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
 def _bands_on_white(argb: np.ndarray, out: np.ndarray) -> None:
@@ -98,13 +112,12 @@ def resize_bands(bands: np.ndarray, tile_size: int, channels_first: bool) -> np.
     """Resize (3, rows, columns) RGB to the tile size (see ``read_tile``) and lay it out as asked."""
     size = (bands.shape[2], bands.shape[1])
     if size == (tile_size, tile_size):
-        return bands if channels_first else np.ascontiguousarray(bands.transpose(1, 2, 0))
+        return _laid_out_chw(bands, channels_first)
     factor = _whole_factor(size, tile_size)
     if factor:
-        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(bands.transpose(1, 2, 0))).reduce(factor))
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
-    planes = resize_planes(torch.from_numpy(bands)[None], tile_size)
-    return planes.numpy() if channels_first else np.ascontiguousarray(planes.numpy().transpose(1, 2, 0))
+        image = Image.fromarray(_laid_out_chw(bands, channels_first=False))
+        return _laid_out_hwc(np.asarray(image.reduce(factor)), channels_first)
+    return _laid_out_chw(resize_planes(torch.from_numpy(bands)[None], tile_size).numpy(), channels_first)
 
 
 def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int, int], tile_size: int,
@@ -117,19 +130,18 @@ def read_tile(slide, location: tuple[int, int], level: int, read_size: tuple[int
     by antialiased bilinear interpolation (``resize_planes``).
     """
     size = (int(read_size[0]), int(read_size[1]))
-    reader = _argb_reader(slide)
-    if reader is None:
+    argb = _read_argb(slide, location, level, size)
+    if argb is None:
         return _read_tile_public(slide, location, level, size, tile_size, channels_first)
-    argb = reader(location, level, size)
     octets = argb.view(np.uint8).reshape(argb.shape + (4,))
     if size != (tile_size, tile_size) and octets[..., _A].min() == 255:
         # Opaque and resized: work on OpenSlide's buffer directly, without a separate RGB copy.
         factor = _whole_factor(size, tile_size)
         if factor:
-            pixels = np.asarray(Image.frombuffer("RGB", size, argb, "raw", "BGRX", 0, 1).reduce(factor))
-            return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
+            image = Image.frombuffer("RGB", size, argb, "raw", "BGRX", 0, 1)
+            return _laid_out_hwc(np.asarray(image.reduce(factor)), channels_first)
         planes = resize_planes(torch.from_numpy(octets).permute(2, 0, 1)[None], tile_size, [_R, _G, _B])
-        return planes.numpy() if channels_first else np.ascontiguousarray(planes.numpy().transpose(1, 2, 0))
+        return _laid_out_chw(planes.numpy(), channels_first)
     bands = np.empty((3, size[1], size[0]), dtype=np.uint8)
     _bands_on_white(argb, bands)
     return resize_bands(bands, tile_size, channels_first)
@@ -143,8 +155,7 @@ def _read_tile_public(slide, location, level, size, tile_size, channels_first) -
         image = region.convert("RGB")
     else:  # outside the slide OpenSlide returns transparent pixels: lay them on white
         image = Image.alpha_composite(Image.new("RGBA", region.size, WHITE + (255,)), region).convert("RGB")
-    bands = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
-    return resize_bands(bands, tile_size, channels_first)
+    return resize_bands(_laid_out_hwc(np.asarray(image), channels_first=True), tile_size, channels_first)
 
 
 class WsiTileDataset(Dataset):
@@ -187,7 +198,7 @@ class WsiTileDataset(Dataset):
                              tuple(item["size"]), item["tile_size"], channels_first=channels_first)
         with Image.open(self.root / item["image"]) as image:
             pixels = np.asarray(image.convert("RGB"))
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)) if channels_first else pixels
+        return _laid_out_hwc(pixels, channels_first)
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
