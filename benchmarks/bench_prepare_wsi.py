@@ -17,12 +17,17 @@ For every slide the script prints, with the median of ``--repeats`` timed runs a
   ``export_tiles`` (tiles/s of the whole step, and tiles/s of the export alone, which is the
   difference between the two medians);
 * reading the tiles of the produced datalist with the project's tile loader ``WsiTileDataset``
-  (the path training uses): indexed in one process, and through a torch ``DataLoader`` with
+  (the path training uses): indexed in one process, and through ``tile_loader`` (the torch
+  ``DataLoader`` training builds, whose last batches of a pass are spread over the workers) with
   ``num_workers=0`` and ``num_workers=2``;
 * the baseline on the same items in the same run: a bare loop of ``OpenSlide.read_region`` plus
   ``.convert("RGB")``, in one process and split over a ``multiprocessing.Pool`` of 2 processes;
 * both 2-process methods twice: with processes started in every pass, and with processes started
-  once and kept for every pass (``persistent_workers=True``, as training reads tiles).
+  once and kept for every pass (``persistent_workers=True``, as training reads tiles);
+* for a slide with fewer than 640 kept tiles, the 1-process and persistent 2-process rows again
+  on a long pass: the kept tiles repeated until there are at least 640, each copy through its own
+  symbolic link to the slide, so that each copy opens its own handle and starts with an empty
+  cache. This measures throughput rather than the fixed cost of starting a pass.
 
 It also runs ``prepare_wsi`` on a folder holding all three slides with ``workers`` 1 and 2, with
 and without export, because the step spreads work over processes one slide at a time.
@@ -67,7 +72,7 @@ from torch.utils.data import DataLoader
 from preprocessing.output import DATALIST_NAME
 from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
 from preprocessing.wsi.dataset import WsiTileDataset
-from fedimaging_app.tiles import read_tile, resize_bands
+from fedimaging_app.tiles import read_tile, resize_bands, tile_loader
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLIDE_FOLDER = REPO_ROOT.parent / "shared" / "data" / "pathology" / "slides"
@@ -79,6 +84,9 @@ TILE_SIZE = 224
 BATCH_SIZE = 32
 # Items per slide whose read steps are timed one by one for the per-tile cost breakdown.
 BREAKDOWN_SAMPLE = 64
+# Tiles in one pass of the long-pass rows. A pass over a small slide's kept tiles (43 on CMU) lasts
+# about 40 ms with 2 processes, so the fixed cost of starting a pass outweighs the reading in it.
+LONG_PASS_TILES = 640
 
 # The generated pyramid: level-0 size, resolution and the downsample of each level.
 GENERATED_SIZE = (20000, 15000)
@@ -288,14 +296,21 @@ def read_with_dataset(items: list[dict], root: Path) -> int:
 def read_with_dataloader(items: list[dict], root: Path, num_workers: int) -> int:
     """Iterate a torch DataLoader over the project's loader; return the number of tiles read."""
     dataset = WsiTileDataset(items, root)
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=False, num_workers=num_workers)
+    loader = tile_loader(dataset, BATCH_SIZE, num_workers=num_workers)
     count = 0
     try:
         for batch in loader:
             count += len(batch["label"])
     finally:
+        _shutdown_workers(loader)
         dataset.close()
     return count
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -340,16 +355,14 @@ class PersistentLoader:
 
     def __init__(self, items: list[dict], root: Path, num_workers: int):
         self.dataset = _FreshHandlesEachPass(items, root)
-        self.loader = DataLoader(self.dataset, batch_size=BATCH_SIZE, sampler=_EpochSampler(len(items)),
-                                 num_workers=num_workers, persistent_workers=True)
+        self.loader = tile_loader(self.dataset, BATCH_SIZE, num_workers=num_workers,
+                                  sampler=_EpochSampler(len(items)))
 
     def __call__(self) -> int:
         return sum(len(batch["label"]) for batch in self.loader)
 
     def close(self) -> None:
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None:
-            iterator._shutdown_workers()
+        _shutdown_workers(self.loader)
         self.dataset.dataset.close()
 
 
@@ -495,6 +508,70 @@ def _read_items(out: Path) -> list[dict]:
     return datalist["training"] + datalist["validation"]
 
 
+def repeated_items(items: list[dict], root: Path, minimum: int) -> list[dict]:
+    """Repeat ``items`` until there are at least ``minimum``, each copy reading the slide through its own link.
+
+    Every copy names a new symbolic link to the slide file in ``root/slides``. The loader and the bare
+    loop therefore open one handle per copy, and each copy starts with an empty OpenSlide cache, as a
+    pass over that many different slides would.
+    """
+    copies = -(-minimum // len(items))
+    if copies <= 1:
+        return items
+    repeated = []
+    for copy in range(copies):
+        links = {}
+        for item in items:
+            image = item["image"]
+            if image not in links:
+                original = root / image
+                link = original.with_name(f"{original.stem}-copy{copy}{original.suffix}")
+                if not link.exists():
+                    link.symlink_to(original.resolve())
+                links[image] = str(link.relative_to(root))
+            repeated.append({**item, "image": links[image]})
+    return repeated
+
+
+def measure_long_pass(items: list[dict], root: Path, repeats: int) -> list[Measurement]:
+    """Time the 1- and 2-process loader and bare loop on a pass of at least ``LONG_PASS_TILES`` tiles."""
+    long_items = repeated_items(items, root, LONG_PASS_TILES)
+    if long_items is items:
+        return []
+    tiles = len(long_items)
+    copies = tiles // len(items)
+    loader = Measurement(f"long pass ({copies} copies): loader, 1 process", "tiles/s", tiles, 1)
+    bare = Measurement(f"long pass ({copies} copies): bare loop, 1 process", "tiles/s", tiles, 1)
+    loader_persistent = Measurement(f"long pass ({copies} copies): loader, 2 persistent", "tiles/s", tiles, 2)
+    bare_persistent = Measurement(f"long pass ({copies} copies): bare, persistent Pool(2)", "tiles/s", tiles, 2)
+    persistent_pool = PersistentPool(long_items, root, 2)
+    persistent_loader = PersistentLoader(long_items, root, 2)
+    try:
+        measure_interleaved([
+            (loader, lambda: read_with_dataset(long_items, root)),
+            (bare, lambda: read_bare(long_items, root)),
+            (loader_persistent, persistent_loader),
+            (bare_persistent, persistent_pool),
+        ], repeats)
+    finally:
+        persistent_loader.close()
+        persistent_pool.close()
+    return [loader, bare, loader_persistent, bare_persistent]
+
+
+def long_pass_ratios(measurements: list[Measurement]) -> dict[str, float]:
+    """Compute the loader/bare ratio and the 2-process speedups of the long-pass rows."""
+    if not measurements:
+        return {}
+    loader, bare, loader_persistent, bare_persistent = measurements
+    return {
+        "long pass: loader / bare, 1 process": loader.rate / bare.rate,
+        "long pass: loader speedup, 2 persistent processes / 1": loader_persistent.rate / loader.rate,
+        "long pass: bare speedup, 2 persistent processes / 1": bare_persistent.rate / bare.rate,
+        "long pass: loader / bare, 2 persistent processes": loader_persistent.rate / bare_persistent.rate,
+    }
+
+
 def benchmark_slide(name: str, path: Path, work: Path, key_file: Path, repeats: int) -> tuple[list[Measurement], dict]:
     """Measure tiling, export and tile reading on one slide; return the measurements and the slide facts."""
     reference_out = work / f"reference-{name}"
@@ -543,10 +620,11 @@ def benchmark_slide(name: str, path: Path, work: Path, key_file: Path, repeats: 
     finally:
         persistent_loader.close()
         persistent_pool.close()
+    long_pass = measure_long_pass(items, reference_out, repeats)
     facts["per_tile_ms"] = per_tile_costs(items, reference_out)
     shutil.rmtree(reference_out)
     return [tiling, export, export_only, loader, loader_batches, loader_workers, loader_persistent, bare, bare_pool,
-            bare_persistent], facts
+            bare_persistent, *long_pass], facts
 
 
 def benchmark_folder(slides: dict[str, Path], work: Path, key_file: Path, repeats: int) -> list[Measurement]:
@@ -602,6 +680,7 @@ def ratios(measurements: list[Measurement]) -> dict[str, float]:
         "loader / bare, 2 persistent processes": loader_p.rate / bare_p.rate,
         "loader speedup, 2 persistent processes / 1": loader_p.rate / loader_1.rate,
         "bare speedup, 2 persistent processes / 1": bare_p.rate / bare_1.rate,
+        **long_pass_ratios([m for m in measurements if m.name.startswith("long pass")]),
     }
 
 
@@ -620,6 +699,8 @@ def format_ratios(values: dict[str, float]) -> str:
         "loader / bare, 2 processes": TARGET_LOADER_RATIO,
         "loader speedup, 2 processes / 1": TARGET_SPEEDUP,
         "loader speedup, 2 persistent processes / 1": TARGET_SPEEDUP,
+        "long pass: loader / bare, 1 process": TARGET_LOADER_RATIO,
+        "long pass: loader speedup, 2 persistent processes / 1": TARGET_SPEEDUP,
     }
     lines = []
     for label, value in values.items():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 WHITE = (255, 255, 255)
 # Byte positions of red, green, blue and alpha in OpenSlide's 32-bit ARGB pixels on a little-endian machine.
@@ -209,3 +209,56 @@ class WsiTileDataset(Dataset):
         for slide in self._slides.values():
             slide.close()
         self._slides.clear()
+
+
+class WorkerBalancedBatchSampler(Sampler[list]):
+    """Batches of ``batch_size`` items whose last ones are split so that every worker reads a fair share.
+
+    A DataLoader hands batches to its worker processes in turn, and a pass lasts as long as the
+    busiest worker. With the usual batching, 671 tiles in batches of 32 give one of 2 workers 11
+    batches and the other 10. A pass of 43 tiles gives one worker 32 tiles and the other 11. This
+    sampler keeps full batches while every worker gets the same number of them, and splits the rest
+    (less than ``num_workers`` full batches) into ``num_workers`` batches of near-equal size. Every
+    item of the pass is still yielded exactly once, in the order of ``sampler``. With 0 or 1 worker
+    it batches like ``BatchSampler(sampler, batch_size, drop_last=False)``.
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, num_workers: int):
+        if batch_size < 1:
+            raise ValueError(f"invalid batch_size {batch_size}: give 1 or more")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.num_workers = max(1, num_workers)
+
+    def _sizes(self, count: int) -> list[int]:
+        full, rest = divmod(count, self.batch_size)
+        if self.num_workers == 1:
+            return [self.batch_size] * full + ([rest] if rest else [])
+        full_kept = full - full % self.num_workers
+        tail = count - full_kept * self.batch_size
+        parts = min(self.num_workers, tail)
+        return [self.batch_size] * full_kept + [tail // parts + (1 if i < tail % parts else 0) for i in range(parts)]
+
+    def __iter__(self):
+        order = list(self.sampler)
+        start = 0
+        for size in self._sizes(len(order)):
+            yield order[start:start + size]
+            start += size
+
+    def __len__(self) -> int:
+        return len(self._sizes(len(self.sampler)))
+
+
+def tile_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                generator: torch.Generator | None = None, sampler: Sampler | None = None) -> DataLoader:
+    """Build the DataLoader that training and validation read tiles with.
+
+    Worker processes persist across passes (rounds), and the last batches of a pass are spread over
+    the workers (:class:`WorkerBalancedBatchSampler`). ``sampler`` replaces the sequential or shuffled
+    order.
+    """
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_sampler=WorkerBalancedBatchSampler(sampler, batch_size, num_workers),
+                      num_workers=num_workers, persistent_workers=num_workers > 0)

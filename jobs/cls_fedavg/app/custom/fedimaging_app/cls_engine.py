@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from fedimaging_app.config import ConfigError, JobConfig, SiteConfig
 from fedimaging_app.site_data import PreparedData, unit_id
 from fedimaging_app.stats import bootstrap_over_patients, summarize
-from fedimaging_app.tiles import WsiTileDataset
+from fedimaging_app.tiles import WsiTileDataset, tile_loader
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ class ClassificationEngine:
         if split not in self._loaders:
             training = split == "train"
             workers = self.site.num_workers
-            self._loaders[split] = DataLoader(
-                self._dataset(self.train_items if training else self.val_items), batch_size=self.job.batch_size,
-                shuffle=training, num_workers=workers, persistent_workers=workers > 0,
+            self._loaders[split] = tile_loader(
+                self._dataset(self.train_items if training else self.val_items), self.job.batch_size,
+                shuffle=training, num_workers=workers,
                 generator=torch.Generator().manual_seed(self.job.seed) if training else None)
         return self._loaders[split]
 

@@ -1,0 +1,80 @@
+"""The batching of the tile loader that training and validation use (``fedimaging_app.tiles.tile_loader``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, Dataset, SequentialSampler
+
+from fedimaging_app.tiles import WorkerBalancedBatchSampler, tile_loader
+
+
+def worker_loads(batches: list[list[int]], workers: int) -> list[int]:
+    """Count the items each worker reads when a DataLoader hands the batches out in turn."""
+    loads = [0] * workers
+    for number, batch in enumerate(batches):
+        loads[number % workers] += len(batch)
+    return loads
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 31, 32, 33, 43, 64, 67, 96, 97, 671, 1000])
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_balanced_batches_cover_items_once(count, workers):
+    batches = list(WorkerBalancedBatchSampler(SequentialSampler(range(count)), 32, workers))
+    assert [index for batch in batches for index in batch] == list(range(count))
+    assert all(1 <= len(batch) <= 32 for batch in batches)
+    assert len(batches) == len(WorkerBalancedBatchSampler(SequentialSampler(range(count)), 32, workers))
+    loads = worker_loads(batches, workers)
+    assert max(loads) - min(loads) <= 1, loads
+    # Only the batches of the last turn may be short.
+    assert all(len(batch) == 32 for batch in batches[:max(0, len(batches) - workers)])
+
+
+def test_plain_batching_is_unbalanced():
+    # The reason for the sampler: with plain batches one worker reads 32 of 43 tiles.
+    plain = list(BatchSampler(SequentialSampler(range(43)), 32, drop_last=False))
+    assert worker_loads(plain, 2) == [32, 11]
+    balanced = list(WorkerBalancedBatchSampler(SequentialSampler(range(43)), 32, 2))
+    assert worker_loads(balanced, 2) == [22, 21]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_one_process_matches_batch_sampler(workers):
+    for count in (0, 5, 32, 70):
+        expected = list(BatchSampler(SequentialSampler(range(count)), 32, drop_last=False))
+        assert list(WorkerBalancedBatchSampler(SequentialSampler(range(count)), 32, workers)) == expected
+
+
+def test_rejects_batch_size_zero():
+    with pytest.raises(ValueError, match="batch_size"):
+        WorkerBalancedBatchSampler(SequentialSampler(range(3)), 0, 2)
+
+
+class _Numbers(Dataset):
+    def __len__(self) -> int:
+        return 45
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.full((3, 2, 2), index, dtype=torch.uint8), "label": index}
+
+
+def test_two_workers_return_every_item():
+    loader = tile_loader(_Numbers(), 16, num_workers=2)
+    try:
+        for _ in range(2):  # The second pass reuses the persistent workers.
+            labels = torch.cat([batch["label"] for batch in loader]).tolist()
+            assert labels == list(range(45))
+        assert loader.persistent_workers
+    finally:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
+def test_seeded_shuffle_is_reproducible():
+    first = tile_loader(_Numbers(), 16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    second = tile_loader(_Numbers(), 16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    order = torch.cat([batch["label"] for batch in first]).tolist()
+    assert order == torch.cat([batch["label"] for batch in second]).tolist()
+    assert sorted(order) == list(range(45))
+    assert order != list(range(45))
