@@ -68,14 +68,11 @@ def make_recipe(name: str, spec: dict, *, num_rounds: int = 3, min_clients: int 
     return recipe
 
 
-def _global_models_only(job_dir: Path) -> None:
+def _global_models_only(config: dict) -> None:
     """Skip NVFlare's submit_model task, so cross-site evaluation never sends a site's local model to others."""
-    path = job_dir / "app" / "config" / "config_fed_server.json"
-    config = json.loads(path.read_text())
     for workflow in config["workflows"]:
         if workflow["path"].endswith("CrossSiteModelEval"):
             workflow.setdefault("args", {})["submit_model_task_name"] = ""
-    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 PHI_GUARD_FILTER = "fedimaging_app.phi_guard.PHIGuardFilter"
@@ -84,11 +81,8 @@ PHI_GUARD_FILTER = "fedimaging_app.phi_guard.PHIGuardFilter"
 TASK_REQUEST_INTERVAL = 0.25
 
 
-def _set_task_request_interval(job_dir: Path) -> None:
-    path = job_dir / "app" / "config" / "config_fed_server.json"
-    config = json.loads(path.read_text())
+def _set_task_request_interval(config: dict) -> None:
     config.setdefault("server", {})["task_request_interval"] = TASK_REQUEST_INTERVAL
-    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 # Every task a fedimaging site answers: training, cross-site evaluation, secure aggregation phases.
@@ -100,15 +94,13 @@ PRIVACY_FILTERS = {
 }
 
 
-def _add_client_filters(job_dir: Path, job) -> None:
+def _add_client_filters(config: dict, job) -> None:
     """PHI guard on every task result, the job's privacy filters on training results; tracking stays local.
 
     Percentile and SVT filters act on weight differences only (with full weights they would wreck the
     model); exclude_vars also removes the named parameters from the global model a site receives for
     training, so those layers stay local.
     """
-    path = job_dir / "app" / "config" / "config_fed_client.json"
-    config = json.loads(path.read_text())
     guard = {"path": PHI_GUARD_FILTER, "args": {}}
     privacy = []
     for spec in job.privacy_filters:
@@ -126,14 +118,11 @@ def _add_client_filters(job_dir: Path, job) -> None:
     # curves in TensorBoard files at the site instead.
     config["components"] = [c for c in config.get("components", [])
                             if not c.get("path", "").endswith("ConvertToFedEvent")]
-    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def _use_timed_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
+def _use_timed_workflow(config: dict, job, *, num_rounds: int, min_clients: int) -> None:
     """Replace NVFlare's FedAvg controller with one that stops waiting for silent sites, and set the
     cross-site evaluation timeouts from the job's ``timeouts``."""
-    path = job_dir / "app" / "config" / "config_fed_server.json"
-    config = json.loads(path.read_text())
     for workflow in config["workflows"]:
         args = workflow.setdefault("args", {})
         if workflow["path"].endswith(".FedAvg"):
@@ -142,13 +131,10 @@ def _use_timed_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int
                         train_timeout=job.timeouts.train_s)
         elif workflow["path"].endswith("CrossSiteModelEval"):
             args.update(validation_timeout=job.timeouts.validation_s, submit_model_timeout=job.timeouts.submit_model_s)
-    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: int) -> None:
+def _use_secure_workflow(config: dict, job, *, num_rounds: int, min_clients: int) -> None:
     """Replace the FedAvg controller with fedimaging's secure-aggregation controller (same persistor)."""
-    path = job_dir / "app" / "config" / "config_fed_server.json"
-    config = json.loads(path.read_text())
     for workflow in config["workflows"]:
         if workflow["path"].endswith(".FedAvg"):
             args = {k: v for k, v in workflow.get("args", {}).items() if k not in ("aggregator", "aggregation_weights")}
@@ -158,8 +144,7 @@ def _use_secure_workflow(job_dir: Path, job, *, num_rounds: int, min_clients: in
             workflow["args"] = args
             break
     else:
-        raise RuntimeError(f"{path}: no FedAvg workflow to replace")
-    path.write_text(json.dumps(config, indent=4) + "\n")
+        raise RuntimeError("config_fed_server.json: NVFlare's export has no FedAvg workflow to replace")
 
 
 def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients: int = 3,
@@ -191,14 +176,20 @@ def export_job(name: str, destination: Path, *, num_rounds: int = 3, min_clients
     from fedimaging_app.config import JobConfig
 
     job = JobConfig.model_validate(spec)
-    _add_client_filters(target, job)
-    _set_task_request_interval(target)
+    # NVFlare's export is edited in memory and each configuration file written once.
+    server_path = target / "app" / "config" / "config_fed_server.json"
+    client_path = target / "app" / "config" / "config_fed_client.json"
+    server, client = json.loads(server_path.read_text()), json.loads(client_path.read_text())
+    _add_client_filters(client, job)
+    _set_task_request_interval(server)
     if not job.evaluates_local_models:
         # A local model is neither masked nor differentially private: cross-validate global models only.
-        _global_models_only(target)
+        _global_models_only(server)
     if job.secure_aggregation is not None:
-        _use_secure_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
-    _use_timed_workflow(target, job, num_rounds=num_rounds, min_clients=min_clients)
+        _use_secure_workflow(server, job, num_rounds=num_rounds, min_clients=min_clients)
+    _use_timed_workflow(server, job, num_rounds=num_rounds, min_clients=min_clients)
+    server_path.write_text(json.dumps(server, indent=4) + "\n")
+    client_path.write_text(json.dumps(client, indent=4) + "\n")
     return destination / name
 
 

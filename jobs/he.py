@@ -59,14 +59,13 @@ def _finish_client_config(job_dir: Path, job) -> None:
     from jobs.build import _add_client_filters
 
     path = job_dir / "app" / "config" / "config_fed_client.json"
-    recipe_config = _read(path)
-    encryptors = [f for entry in recipe_config.get("task_result_filters", []) if "train" in entry.get("tasks", [])
+    config = _read(path)
+    encryptors = [f for entry in config.get("task_result_filters", []) if "train" in entry.get("tasks", [])
                   for f in entry.get("filters", []) if f.get("path") == HE_ENCRYPTOR]
     if len(encryptors) != 1:
         raise RuntimeError(f"{path}: expected one HEModelEncryptor on the train task from NVFlare's HE recipe, "
                            f"found {len(encryptors)}")
-    _add_client_filters(job_dir, job)
-    config = _read(path)
+    _add_client_filters(config, job)
     for entry in config.get("task_data_filters", []):
         entry["tasks"] = sorted(entry["tasks"])  # NVFlare's exporter writes them in varying order
     for entry in config["task_result_filters"]:
@@ -91,8 +90,8 @@ def _finish_server_config(job_dir: Path, job, *, num_rounds: int, min_clients: i
         if component.get("path", "").endswith("IntimeModelSelector"):
             # The best model is chosen on the metric the sites report for the received global model.
             component.setdefault("args", {})["key_metric"] = KEY_METRICS[job.task]
+    _set_task_request_interval(config)
     _write(path, config)
-    _set_task_request_interval(job_dir)
 
 
 def export_he_job(name: str, spec: dict, destination: Path, *, num_rounds: int, min_clients: int) -> Path:

@@ -19,6 +19,8 @@ import torch
 
 from jobs.build import REPO
 from tests.conftest import DATA, require
+from tests.support.cli import fedimaging
+from tests.support.cli import write_site_config as write_site
 
 TOTALSEG = DATA / "radiology" / "totalseg"
 KATHER = DATA / "pathology" / "tiles" / "kather2016"
@@ -33,19 +35,8 @@ AORTA_DICE_THRESHOLD = 0.15
 pytestmark = pytest.mark.slow
 
 
-def fedimaging(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "fedimaging", *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, check=False)
-    assert result.returncode == 0, f"fedimaging {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
-def write_site(path: Path, name: str, data_dir: Path, mapping: dict) -> Path:
-    lines = [f"site_name: {name}", f"data_dir: {data_dir}", "label_mapping:"]
-    lines += [f"  {cls}: {json.dumps(source)}" for cls, source in mapping.items()]
-    lines += ["torch_threads: 1"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def untrained_aorta_dice(site_file: Path) -> float:

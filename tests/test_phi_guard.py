@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,8 @@ from fedimaging_app.phi_guard import PHILeakError, check_outgoing, find_identifi
 from fedimaging_app.phi_tokens import IDENTIFIER_FILE_NAME, IdentifierList, dates, tokens
 from jobs.build import CLIENT_TASKS, SPECS, export_job
 from tests.conftest import DATA, require
+from tests.support.cli import fedimaging
+from tests.support.cli import write_site_config as site_yaml
 
 KEY = bytes(range(32))
 TOTALSEG = DATA / "radiology" / "totalseg"
@@ -128,12 +127,6 @@ def test_log_guard_withholds_lines_with_identifiers(caplog):
 
 
 # ------------------------------------------------------------------------------------ canary federations
-def fedimaging(*args, check=True, env=None, timeout=1500) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "fedimaging", *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, check=False, env=env)
-    if check:
-        assert result.returncode == 0, f"fedimaging {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def canary_series(root: Path) -> Path:
@@ -162,11 +155,6 @@ def canary_slide(root: Path) -> Path:
     return target
 
 
-def site_yaml(path: Path, name: str, data_dir: Path, mapping: dict) -> Path:
-    lines = [f"site_name: {name}", f"data_dir: {data_dir}", "label_mapping:"]
-    lines += [f"  {cls}: {json.dumps(source)}" for cls, source in mapping.items()]
-    path.write_text("\n".join(lines + ["torch_threads: 1"]) + "\n")
-    return path
 
 
 def recording_job(base: str, tmp_path: Path, folder: Path, spec: dict | None = None) -> Path:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedimaging_app.config import JobConfig
 from jobs.build import SPECS, export_job
-from tests.test_secure_aggregation import RECORDER, fedimaging, three_kather_sites
+from tests.support.cli import fedimaging
+from tests.test_secure_aggregation import RECORDER, three_kather_sites
 
 KEPT_LOCAL = ["net.fc.weight", "net.fc.bias"]
 

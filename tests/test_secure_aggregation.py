@@ -29,6 +29,7 @@ from fedimaging_app.secagg import (
 )
 from jobs.build import REPO, SPECS, export_job
 from tests.conftest import DATA, require
+from tests.support.cli import fedimaging, write_site_config
 
 KATHER = DATA / "pathology" / "tiles" / "kather2016"
 RECORDER = Path(__file__).parent / "support" / "secagg_recorder.py"
@@ -227,11 +228,6 @@ def test_secure_job_uses_the_secure_workflow_and_global_models_only():
 
 
 # ------------------------------------------------------------------------------------ real simulator run
-def fedimaging(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "fedimaging", *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, check=False, env=env)
-    assert result.returncode == 0, f"fedimaging {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def three_kather_sites(tmp_path: Path) -> list[Path]:
@@ -247,8 +243,8 @@ def three_kather_sites(tmp_path: Path) -> list[Path]:
         fedimaging("prepare", "wsi", source, "--out", tmp_path / f"prep_{name}", "--assume-mpp", "0.495",
                    "--key-file", tmp_path / "keys" / name)
         site_file = tmp_path / f"{name}.yaml"
-        site_file.write_text(f"site_name: {name}\ndata_dir: {tmp_path / f'prep_{name}'}\nlabel_mapping:\n"
-                             "  tumour: {local_classes: [TUMOR]}\n  other: {all_other_classes: true}\ntorch_threads: 1\n")
+        write_site_config(site_file, name, tmp_path / f"prep_{name}",
+                          {"tumour": {"local_classes": ["TUMOR"]}, "other": {"all_other_classes": True}})
         sites.append(site_file)
     return sites
 
