@@ -102,7 +102,8 @@ def _add_prepare_wsi(subparsers) -> None:
     parser.add_argument("--background-class", metavar="NAME",
                         help="class for tissue tiles outside every annotated region (default: drop them)")
     parser.add_argument("--assume-mpp", type=float, metavar="MPP",
-                        help="level-0 resolution in µm per pixel for slides or tiles without a usable one")
+                        help="level-0 resolution in µm per pixel for slides or tiles without a usable one; "
+                             "a slide or tile with its own resolution keeps it")
     parser.add_argument("--tissue-threshold", type=float, default=0.5,
                         help="minimum fraction of a tile covered by tissue to keep it (default 0.5)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for tiling slides (default 1)")

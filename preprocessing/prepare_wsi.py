@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -207,6 +209,7 @@ def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, r
     jobs: list[SlideJob] = []
     patients: dict[str, str] = {}
     seen: dict[str, str] = {}
+    used_labels: set[str] = set()
     for path in walk_files(source):
         rel = path.relative_to(base).as_posix()
         if not _is_slide_candidate(path):
@@ -221,23 +224,21 @@ def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, r
                                       "message": f"{path.name}: same slide content as {seen[slide_id]}; ignored"})
             continue
         seen[slide_id] = rel
-        slide_class, annotation = None, None
+        slide_class, annotation, missing_label = None, None, None
         if options.labels is not None:
             label = slide_labels.get(path.name) or slide_labels.get(path.stem)
             if label is None:
-                report["rejected"].append({"path": rel, "reason": Reason.LABEL_MISSING.value, "message":
-                    f"{path.name}: no row in {options.labels.name}; add a 'slide,label' row for it"})
-                continue
-            slide_class = label.class_name
-            if label.patient:
-                patients[slide_id] = pseudonyms.patient_id(label.patient)
+                missing_label = f"{path.name}: no row in {options.labels.name}; add a 'slide,label' row for it"
+            else:
+                used_labels.add(label.slide)
+                slide_class = label.class_name
+                if label.patient:
+                    patients[slide_id] = pseudonyms.patient_id(label.patient)
         if options.annotations is not None:
             annotation = find_annotation(options.annotations, path)
             if annotation is None and options.background_class is None:
-                report["rejected"].append({"path": rel, "reason": Reason.LABEL_MISSING.value, "message":
-                    f"{path.name}: no {path.stem}.geojson in {options.annotations}; export its annotations "
-                    "from QuPath, or pass --background-class to label all its tissue"})
-                continue
+                missing_label = (f"{path.name}: no {path.stem}.geojson in {options.annotations}; export its "
+                                 "annotations from QuPath, or pass --background-class to label all its tissue")
             slide_class = None if annotation else options.background_class
         jobs.append(SlideJob(
             path=path, rel_path=rel, slide_id=slide_id, target_mpp=options.mpp, tile_size=options.tile_size,
@@ -245,7 +246,14 @@ def _prepare_slides(options: WsiOptions, pseudonyms: Pseudonymizer, out: Path, r
             annotation_path=annotation, background_class=options.background_class,
             thumbnail_path=out / "thumbnails" / f"{slide_id}.png",
             export_dir=out / "tile_images" / slide_id if options.export_tiles else None,
+            missing_label=missing_label,
         ))
+
+    unmatched = sorted({entry.slide for entry in slide_labels.values()} - used_labels)
+    for slide in unmatched:
+        report["rejected"].append({"path": options.labels.name, "reason": Reason.LABEL_UNMATCHED.value, "message":
+            f"{options.labels.name}: the row for '{slide}' matches no slide file in SOURCE; correct the file "
+            "name in the row (with or without its extension) or add the slide to SOURCE"})
 
     items_by_group: dict[str, list[dict]] = {}
     for result in _run_jobs(jobs, options.workers, options.show_progress):
@@ -306,6 +314,30 @@ def _prepare_tiles(options: WsiOptions, classes: dict[str, list[Path]], pseudony
     return [items_by_group, groups], {"split_unit": "tile (no patient information in a tile folder)"}
 
 
+# Folders in OUT that the WSI step writes and fills again on every run.
+GENERATED_FOLDERS = ("slides", "tiles", "thumbnails", "tile_images")
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove the generated folders of an earlier WSI run in ``out``, so none of its files outlive it.
+
+    Only a folder whose manifest is a fedimaging WSI manifest is touched, and only the folders listed
+    in ``GENERATED_FOLDERS``: links, CSV files, thumbnails and exported tiles that the new run
+    recreates from SOURCE. The PHI identifier list is kept and extended.
+    """
+    try:
+        previous = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(previous, dict) or "coordinates" not in previous or previous.get("mode") not in ("slides", "tiles"):
+        return
+    for name in GENERATED_FOLDERS:
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+    logger.info("replaced the outputs of an earlier run in %s", out)
+
+
 def prepare_wsi(options: WsiOptions) -> dict:
     """Run the whole WSI step; return the manifest (also written to ``OUT/manifest.json``).
 
@@ -316,6 +348,7 @@ def prepare_wsi(options: WsiOptions) -> dict:
     pseudonyms = Pseudonymizer(key)
     out = options.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out)
     report: dict = {"slides": [], "tiles": [], "rejected": [], "skipped": []}
     identifiers = IdentifierList.load_or_new(out, key)
 
@@ -350,7 +383,8 @@ def prepare_wsi(options: WsiOptions) -> dict:
         "mode": mode,
         "options": {"mpp": options.mpp, "tile_size": options.tile_size, "tissue_threshold": options.tissue_threshold,
                     "assume_mpp": options.assume_mpp, "background_class": options.background_class,
-                    "seed": options.seed, "val_fraction": options.val_fraction, **split_info},
+                    "seed": options.seed, "val_fraction": options.val_fraction, "workers": options.workers,
+                    "export_tiles": options.export_tiles, **split_info},
         "coordinates": "x0, y0: level-0 pixels of the tile's top-left corner; width, height: region read at "
                        "'level' in level pixels, resized to tile_size when they differ; outside the slide is white",
         "summary": {

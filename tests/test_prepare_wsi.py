@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
 import numpy as np
 import openslide
 import pytest
+from PIL import Image
 
 from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
 from preprocessing.wsi.dataset import WsiTileDataset
@@ -249,13 +251,20 @@ def test_cli_wsi_exit_codes(tmp_path):
 
 
 def test_slide_labels_csv_and_patient_split(tmp_path, prepare_slides):
-    source = slide_folder(tmp_path, CMU, NDPI, SLIDES / "tcga-cr-7395-01a-01-ts1.svs")
+    source = slide_folder(tmp_path, CMU, NDPI, SLIDES / "tcga-cr-7395-01a-01-ts1.svs", SLIDES / "broken.svs",
+                          PYRAMID / "slide_cm_resolution.tif")
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide,label,patient\ncmu_small_region.svs,tumour,P-1\ntest3-DAPI-2-(387),normal,P-1\n")
+    labels.write_text("slide,label,patient\ncmu_small_region.svs,tumour,P-1\ntest3-DAPI-2-(387),normal,P-1\n"
+                      "scan_0042.svs,normal,P-2\n")
     manifest, datalist, _ = prepare_slides(source, labels=labels, val_fraction=0.5)
 
-    assert {entry["path"]: entry["reason"] for entry in manifest["rejected"]} == {
-        "tcga-cr-7395-01a-01-ts1.svs": "label_missing"}
+    # A slide that cannot be read or has no resolution is reported as such before its missing label,
+    # and a row that matches no slide is reported too.
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["rejected"]}
+    assert reasons == {"tcga-cr-7395-01a-01-ts1.svs": "no_mpp", "broken.svs": "unreadable_slide",
+                       "slide_cm_resolution.tif": "label_missing", "labels.csv": "label_unmatched"}
+    unmatched = next(entry for entry in manifest["rejected"] if entry["reason"] == "label_unmatched")
+    assert "scan_0042.svs" in unmatched["message"]
     assert datalist["classes"] == ["normal", "tumour"]
     by_slide = {slide["source"]: slide for slide in manifest["slides"]}
     assert by_slide["cmu_small_region.svs"]["slide_class"] == "tumour"
@@ -315,3 +324,45 @@ def test_loader_fallback_for_image_slide(tmp_path):
     assert pixels.shape == (40, 40, 3)
     assert np.all(pixels[:10] == (200, 10, 20))  # colour kept away from the edge
     assert np.all(pixels[-10:] == 255)  # transparent laid on white
+
+
+def test_assume_mpp_only_fills_missing(tmp_path, prepare_slides):
+    # One option for a mixed folder: the slide without a resolution takes it, the other keeps its own.
+    source = slide_folder(tmp_path, CMU, SLIDES / "tcga-cr-7395-01a-01-ts1.svs")
+    manifest, _, _ = prepare_slides(source, assume_mpp=0.25)
+    assert not manifest["rejected"]
+    by_source = {slide["mpp_source"]: slide for slide in manifest["slides"]}
+    assert set(by_source) == {"--assume-mpp", "openslide.mpp-x/y (aperio metadata)"}
+    assert by_source["--assume-mpp"]["mpp_level0"] == [0.25, 0.25]
+    assert by_source["openslide.mpp-x/y (aperio metadata)"]["mpp_level0"][0] == pytest.approx(0.499)
+
+
+def test_tile_resolution_wins_over_assume_mpp(tmp_path):
+    from preprocessing.wsi.tiles_folder import load_tile
+
+    pixels = np.full((40, 40, 3), 200, dtype=np.uint8)
+    with_dpi, default_dpi = tmp_path / "with_dpi.png", tmp_path / "default_dpi.png"
+    Image.fromarray(pixels).save(with_dpi, dpi=(50800, 50800))  # 25400 / 50800 = 0.5 µm per pixel
+    Image.fromarray(pixels).save(default_dpi, dpi=(72, 72))
+    own = load_tile(with_dpi, 0.5, assume_mpp=0.25)
+    assert own.mpp == pytest.approx(0.5)
+    assert own.mpp_source == "image resolution (dpi)"
+    assert not own.resampled
+    assumed = load_tile(default_dpi, 0.5, assume_mpp=0.25)
+    assert assumed.mpp_source == "--assume-mpp"
+    assert assumed.pixels.shape[:2] == (20, 20)
+
+
+def test_rerun_replaces_earlier_outputs(tmp_path, prepare_slides):
+    out = tmp_path / "out"
+    prepare_wsi(WsiOptions(source=slide_folder(tmp_path, CMU, NDPI), out=out, key_file=tmp_path / "site.key"))
+    assert len(list((out / "slides").iterdir())) == 2
+    (out / "notes.txt").write_text("kept")
+    manifest = prepare_wsi(WsiOptions(source=CMU, out=out, key_file=tmp_path / "site.key"))
+    (slide,) = manifest["slides"]
+    # Only the files of the new run remain in the generated folders; other files in OUT stay.
+    assert [p.name for p in (out / "slides").iterdir()] == [Path(slide["image"]).name]
+    assert [p.name for p in (out / "tiles").iterdir()] == [Path(slide["tiles"]).name]
+    assert [p.name for p in (out / "thumbnails").iterdir()] == [Path(slide["thumbnail"]).name]
+    assert (out / "notes.txt").read_text() == "kept"
+    assert (out / "phi_identifiers.json").exists()

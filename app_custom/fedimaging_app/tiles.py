@@ -161,6 +161,8 @@ def _read_tile_public(slide, location, level, size, tile_size, channels_first) -
 class WsiTileDataset(Dataset):
     """Tiles from ``prepare wsi`` datalist items, as ``{"image": uint8 (3, H, W), "label": int}``.
 
+    ``label`` is the item's class index, or -1 for an unlabelled item.
+
     ``root`` is the prepared folder the items' paths are relative to. Items with ``location`` are read
     from the slide at ``level`` (``size`` level pixels, white outside the slide, resized to
     ``tile_size``); other items are tile image files.

@@ -30,6 +30,7 @@ class SlideLabel:
 
     class_name: str
     patient: str | None
+    slide: str = ""  # The slide file name as written in the CSV row.
 
 
 def read_slide_labels(csv_path: Path) -> dict[str, SlideLabel]:
@@ -46,7 +47,7 @@ def read_slide_labels(csv_path: Path) -> dict[str, SlideLabel]:
         slide, label = (row.get("slide") or "").strip(), (row.get("label") or "").strip()
         if not slide or not label:
             raise LabelFileError(f"{csv_path}: line {number} needs both a slide file name and a label")
-        entry = SlideLabel(label, (row.get("patient") or "").strip() or None)
+        entry = SlideLabel(label, (row.get("patient") or "").strip() or None, slide)
         labels[slide] = entry
         labels.setdefault(Path(slide).stem, entry)
     return labels
@@ -98,13 +99,13 @@ def read_regions(path: Path) -> Regions:
         if class_name is None:
             raise Rejection(
                 Reason.ANNOTATION_INVALID,
-                f"{path.name}: feature {index} has no class name (properties.classification.name); "
-                "classify every annotation in QuPath before exporting",
+                f"{path.name}: feature {index + 1} of {len(features)} has no class name "
+                "(properties.classification.name); classify every annotation in QuPath before exporting",
             )
         try:
             geometry = shape(feature["geometry"])
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise Rejection(Reason.ANNOTATION_INVALID, f"{path.name}: feature {index} has an invalid geometry ({exc})") from exc
+            raise Rejection(Reason.ANNOTATION_INVALID, f"{path.name}: feature {index + 1} of {len(features)} has an invalid geometry ({exc})") from exc
         if geometry.geom_type not in ("Polygon", "MultiPolygon"):
             continue
         if not geometry.is_valid:

@@ -56,12 +56,21 @@ def _float(value) -> float | None:
 
 
 def read_resolution(properties: dict, name: str, assume_mpp: float | None = None) -> Resolution:
-    """Return the slide's level-0 mpp from OpenSlide properties, or ``assume_mpp`` when given.
+    """Return the slide's level-0 mpp from OpenSlide properties, or ``assume_mpp`` when it has no usable one.
 
-    Raises ``Rejection`` (``no_mpp``) when no plausible value exists; it never guesses.
+    A plausible value in the slide always wins over ``assume_mpp``, so one option for a folder fills
+    in the slides that lack a resolution without changing the others. Raises ``Rejection``
+    (``no_mpp``) when no plausible value exists and ``assume_mpp`` is not given; it never guesses.
     """
-    if assume_mpp is not None:
+    try:
+        return _slide_resolution(properties, name)
+    except Rejection:
+        if assume_mpp is None:
+            raise
         return Resolution(assume_mpp, assume_mpp, "--assume-mpp")
+
+
+def _slide_resolution(properties: dict, name: str) -> Resolution:
     found = []
     mpp_x, mpp_y = _float(properties.get("openslide.mpp-x")), _float(properties.get("openslide.mpp-y"))
     vendor = properties.get("openslide.vendor", "unknown")

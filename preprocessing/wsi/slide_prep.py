@@ -46,6 +46,9 @@ class SlideJob:
     background_class: str | None
     thumbnail_path: Path
     export_dir: Path | None
+    # Why the slide has no label (no CSV row, no GeoJSON file). It is reported only once the slide
+    # has opened and its pixels read, so that an unreadable slide is reported as such first.
+    missing_label: str | None = None
 
 
 @dataclass
@@ -108,6 +111,8 @@ def _prepare(job: SlideJob) -> SlideResult:
         grid = tile_grid(slide.dimensions, slide.level_dimensions[choice.level], choice, job.tile_size, job.target_mpp)
         tile_width0 = grid.tiles[0].width0
         thumbnail = _thumbnail(slide, tile_width0, name)
+        if job.missing_label is not None:
+            raise Rejection(Reason.LABEL_MISSING, job.missing_label)
         tissue = tissue_mask(thumbnail, slide.dimensions)
         boxes = np.array([[t.x0, t.y0, t.width0, t.height0] for t in grid.tiles], dtype=np.float64)
         fractions = tissue_fractions(tissue, boxes)
@@ -167,7 +172,9 @@ def _prepare(job: SlideJob) -> SlideResult:
             "level0_size": list(slide.dimensions),
             "grid_columns_rows": [grid.columns, grid.rows],
             "tissue_mode": tissue.mode,
-            "tissue_threshold_otsu": round(tissue.threshold, 4),
+            # Otsu's threshold on saturation for brightfield, the triangle threshold for fluorescence.
+            "tissue_threshold_method": "otsu" if tissue.mode == "brightfield" else "triangle",
+            "tissue_threshold": round(tissue.threshold, 4),
             "tiles_total": len(grid.tiles),
             "tiles_kept": len(tiles),
             "tiles_by_class": counts,

@@ -58,7 +58,10 @@ def load_tile(path: Path, target_mpp: float, assume_mpp: float | None) -> Prepar
     try:
         with Image.open(path) as image:
             image.load()
-            mpp = assume_mpp if assume_mpp is not None else _file_mpp(image)
+            mpp = _file_mpp(image)
+            source = "image resolution (dpi)"
+            if mpp is None and assume_mpp is not None:  # The file's own resolution wins when it has one.
+                mpp, source = assume_mpp, "--assume-mpp"
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise Rejection(Reason.UNREADABLE_TILE, f"{path.name}: cannot be read as an image ({exc})") from exc
@@ -68,7 +71,6 @@ def load_tile(path: Path, target_mpp: float, assume_mpp: float | None) -> Prepar
             f"{path.name} has no usable mpp (no resolution, or the 72 dpi default); "
             "pass --assume-mpp with the resolution the tiles were cut at",
         )
-    source = "--assume-mpp" if assume_mpp is not None else "image resolution (dpi)"
     if abs(mpp - target_mpp) <= MPP_TOLERANCE * target_mpp + FLOAT_SLACK:
         return PreparedTile(np.asarray(rgb), mpp, source, False)
     size = (max(1, round(rgb.width * mpp / target_mpp)), max(1, round(rgb.height * mpp / target_mpp)))
