@@ -500,6 +500,22 @@ def per_tile_costs(items: list[dict], root: Path) -> dict[str, float]:
         # The loader's own choice of method: Pillow's reduce for whole factors, else torch's bilinear kernel.
         bands = [np.ascontiguousarray(np.asarray(region.convert("RGB")).transpose(2, 0, 1)) for region in regions]
         timed(f"of which: resize to {tile_size}", lambda band: resize_bands(band, tile_size, True), bands)
+    # A DataLoader worker stacks each batch into a new shared-memory block that the main process then
+    # maps, which a 1-process loop never does. Timed per tile of a full batch; each block is freed
+    # before the next, as the main process frees a batch once it is used.
+    tiles = [torch.zeros((3, tile_size, tile_size), dtype=torch.uint8) for _ in range(BATCH_SIZE)]
+    numel = BATCH_SIZE * tiles[0].numel()
+
+    def shared_batch(fill: bool) -> int:
+        out = tiles[0].new(tiles[0]._typed_storage()._new_shared(numel, device=tiles[0].device))
+        if fill:
+            torch.stack(tiles, 0, out=out.resize_(BATCH_SIZE, *tiles[0].shape))
+        return out.numel()
+
+    for label, fill in ((f"DataLoader worker: allocate a shared batch of {BATCH_SIZE}", False),
+                        (f"DataLoader worker: allocate and fill a shared batch of {BATCH_SIZE}", True)):
+        timed(label, lambda _: shared_batch(fill), list(range(BREAKDOWN_SAMPLE)))
+        costs[label] /= BATCH_SIZE
     return costs
 
 

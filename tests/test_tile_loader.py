@@ -78,3 +78,24 @@ def test_seeded_shuffle_is_reproducible():
     assert order == torch.cat([batch["label"] for batch in second]).tolist()
     assert sorted(order) == list(range(45))
     assert order != list(range(45))
+
+
+@pytest.mark.parametrize("image_size", [None, 64, 224])
+def test_batch_normalisation_matches_per_tile(image_size):
+    from fedimaging_app.cls_engine import normalise_batch
+
+    generator = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (3, 3, 150, 150), dtype=torch.uint8, generator=generator)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = []
+    for tile in tiles:  # one tile at a time, as a worker process would
+        image = tile.float() / 255.0
+        if image_size and image.shape[-1] != image_size:
+            image = torch.nn.functional.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
+                                                    align_corners=False)[0]
+        expected.append((image - mean) / std)
+    batch = normalise_batch(tiles, image_size, torch.device("cpu"))
+    assert batch.dtype == torch.float32
+    assert batch.shape == (3, 3, image_size or 150, image_size or 150)
+    assert torch.allclose(batch, torch.stack(expected), atol=1e-6)

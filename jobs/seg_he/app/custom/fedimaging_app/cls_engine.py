@@ -50,19 +50,30 @@ def map_local_classes(job: JobConfig, site: SiteConfig, local_classes: set[str])
     return mapping
 
 
-class _Normalised(torch.utils.data.Dataset):
-    def __init__(self, tiles: WsiTileDataset, labels: list[int], image_size: int | None):
-        self.tiles, self.labels, self.image_size = tiles, labels, image_size
+class _LabelledTiles(torch.utils.data.Dataset):
+    """Tiles as uint8 (3, H, W) with the site's class index; batches are normalised on the device."""
+
+    def __init__(self, tiles: WsiTileDataset, labels: list[int]):
+        self.tiles, self.labels = tiles, labels
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     def __getitem__(self, index: int):
-        image = torch.as_tensor(self.tiles[index]["image"]).float() / 255.0
-        if self.image_size and image.shape[-1] != self.image_size:
-            image = torch.nn.functional.interpolate(image[None], size=(self.image_size, self.image_size),
-                                                    mode="bilinear", align_corners=False)[0]
-        return (image - _MEAN) / _STD, self.labels[index]
+        return self.tiles[index]["image"], self.labels[index]
+
+
+def normalise_batch(images: torch.Tensor, image_size: int | None, device: torch.device) -> torch.Tensor:
+    """Move a uint8 (N, 3, H, W) batch to ``device``, resize it to ``image_size`` and normalise it.
+
+    Worker processes send uint8 tiles, a quarter of the bytes of float32 ones, and the conversion
+    runs once per batch on the training device.
+    """
+    batch = images.to(device).float() / 255.0
+    if image_size and batch.shape[-1] != image_size:
+        batch = torch.nn.functional.interpolate(batch, size=(image_size, image_size), mode="bilinear",
+                                                align_corners=False)
+    return (batch - _MEAN.to(device)) / _STD.to(device)
 
 
 def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
@@ -99,9 +110,12 @@ class ClassificationEngine:
     def n_training_cases(self) -> int:
         return len(self.train_items)
 
-    def _dataset(self, items: list[dict]) -> _Normalised:
+    def _dataset(self, items: list[dict]) -> _LabelledTiles:
         labels = [self.mapping[i["class_name"]] for i in items]
-        return _Normalised(WsiTileDataset(items, self.root), labels, self.job.model.image_size)
+        return _LabelledTiles(WsiTileDataset(items, self.root), labels)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return normalise_batch(images, self.job.model.image_size, self.device)
 
     def _loader(self, split: str) -> DataLoader:
         """Return the site's training or validation DataLoader, made on first use and kept for every round.
@@ -144,7 +158,7 @@ class ClassificationEngine:
                 if limit is not None and step >= limit:
                     break
                 optimizer.zero_grad()
-                loss = criterion(model(images.to(self.device)), labels.to(self.device))
+                loss = criterion(model(self._inputs(images)), labels.to(self.device))
                 if proximal is not None:
                     loss = loss + proximal(model, global_model)
                 loss.backward()
@@ -164,7 +178,7 @@ class ClassificationEngine:
         loader = self._loader("validation")
         probabilities, truth = [], []
         for images, labels in loader:
-            probabilities.append(torch.softmax(model(images.to(self.device)), dim=1).cpu())
+            probabilities.append(torch.softmax(model(self._inputs(images)), dim=1).cpu())
             truth.append(labels)
         p = torch.cat(probabilities).numpy()
         t = torch.cat(truth).numpy()
