@@ -78,6 +78,9 @@ CLASSES = list(LABELS)
 FEDAVG_TARGET_RATIO = 0.97
 PERSONALISATION_TARGET_SHARE = 0.5
 HETEROGENEITY_TARGET_LOSS = 0.05
+# Pooled training must beat the untrained model by this much Dice before FedAvg and personalisation
+# are judged against it; below it the budget is too small for the comparison to mean anything.
+MIN_POOLED_GAIN = 0.1
 DEVICE = torch.device("cpu")
 ARMS = ("pooled", "alone", "fedavg", "fedprox", "ditto", "fedbn")
 # BatchNorm layers of MONAI's UNet sit in its ADN blocks under the name "N".
@@ -692,7 +695,15 @@ def main() -> int:
             [by_name[f"{s} alone"]["dice"][s]["dice_mean"]["value"] for s in site_names]))
         print(f"  heterogeneity: mean Dice loss of a site-alone model at the other sites {mean_loss:.3f} "
               f"(target at least {HETEROGENEITY_TARGET_LOSS}): {'met' if verdicts['heterogeneity']['met'] else 'NOT met'}")
-    if "pooled" in arms and "fedavg" in arms:
+    else:
+        print("  heterogeneity: not judged, because the 'alone' arm did not run")
+    pooled_gain = by_name["pooled"]["mean"] - verdicts["untrained_mean"] if "pooled" in arms else None
+    if pooled_gain is not None and pooled_gain < MIN_POOLED_GAIN:
+        verdicts["not_judged"] = (f"pooled training gained {pooled_gain:.3f} Dice over the untrained model, less than "
+                                  f"{MIN_POOLED_GAIN}")
+        print(f"  FedAvg and personalisation: not judged, because {verdicts['not_judged']}; give a larger budget "
+              "(--rounds)")
+    elif "pooled" in arms and "fedavg" in arms:
         pooled_mean, fedavg_mean = by_name["pooled"]["mean"], by_name["FedAvg"]["mean"]
         ratio = fedavg_mean / pooled_mean if pooled_mean else None
         verdicts["fedavg_vs_pooled"] = {"fedavg_mean": fedavg_mean, "pooled_mean": pooled_mean, "ratio": ratio,

@@ -94,7 +94,7 @@ class ClassificationEngine:
         validation = data.validation
         if not validation and site.validate_on_training_when_no_validation:
             validation = data.training
-            self.note = (f"site {site.site_name} has no validation tiles: the model was validated on its training "
+            self.note = ("no validation tiles at this site: the model was validated on its training "
                          "tiles, a functional check rather than evidence of generalisation")
         self.train_items = [i for i in data.training if i.get("class_name") in self.mapping]
         self.val_items = [i for i in validation if i.get("class_name") in self.mapping]

@@ -38,7 +38,7 @@ class SegmentationEngine:
         self.note = None
         if not validation and site.validate_on_training_when_no_validation:
             validation = data.training
-            self.note = (f"site {site.site_name} has no validation cases: the model was validated on its "
+            self.note = (f"no validation cases at this site: the model was validated on its "
                          f"{len(validation)} training case(s), a functional check rather than evidence of generalisation")
         self.val_items = build_items(self.plans, data, validation)
         if not self.train_items:

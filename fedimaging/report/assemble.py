@@ -203,7 +203,8 @@ def _cell(row: _Row, site: str, metric: str | None, validators, broken_sites, pa
     if entry.small_sample:
         status, reason = SMALL_SAMPLE, SMALL_SAMPLE_REASON
     elif entry.interval is None and reason is None:
-        reason = "the site reported no interval"
+        reason = ("the site reported no interval (a patient-level bootstrap needs cases from at least "
+                  "2 patients)")
     return Cell(row.model, row.kind, site, metric, entry.value, entry.n, entry.interval, status, reason)
 
 
