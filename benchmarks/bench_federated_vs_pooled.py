@@ -79,7 +79,7 @@ FEDAVG_TARGET_RATIO = 0.97
 PERSONALISATION_TARGET_SHARE = 0.5
 HETEROGENEITY_TARGET_LOSS = 0.05
 # Pooled training must beat the untrained model by this much Dice before FedAvg and personalisation
-# are judged against it; below it the budget is too small for the comparison to mean anything.
+# are judged against it. Below that, the budget is too small for the comparison to mean anything.
 MIN_POOLED_GAIN = 0.1
 DEVICE = torch.device("cpu")
 ARMS = ("pooled", "alone", "fedavg", "fedprox", "ditto", "fedbn")
