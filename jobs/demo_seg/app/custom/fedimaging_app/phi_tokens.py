@@ -176,6 +176,12 @@ class IdentifierList:
             return None
         return Path(value) if value else None
 
+    @staticmethod
+    def missing_error(folder: Path) -> ValueError:
+        """The error for a prepared folder without an identifier list."""
+        return ValueError(f"{Path(folder) / IDENTIFIER_FILE_NAME} is missing: prepare this site's data again with "
+                          "this fedimaging version (fedimaging prepare records the identifiers the PHI guard checks)")
+
     @classmethod
     def load(cls, folder: Path, key: bytes) -> "IdentifierList":
         """Read a prepared folder's list; raises ``ValueError`` naming the file when it is unusable."""
@@ -183,8 +189,7 @@ class IdentifierList:
         try:
             payload = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"{path} is missing: prepare this site's data again with this fedimaging version "
-                             "(fedimaging prepare records the identifiers the PHI guard checks)") from None
+            raise cls.missing_error(folder) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: unreadable identifier list ({exc}); prepare the data again") from exc
         if payload.get("format_version") != FORMAT_VERSION or not isinstance(payload.get("digests"), dict):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedimaging_app.phi_tokens import IdentifierList
+from fedimaging_app.phi_tokens import IDENTIFIER_FILE_NAME, IdentifierList
 
 # Top-level metadata keys fedimaging's replies and NVFlare's Client API put in a task result.
 ALLOWED_META_KEYS = frozenset({
@@ -109,7 +109,13 @@ def load_site_identifiers(site_name: str) -> IdentifierList:
 
 
 def identifiers_of(site) -> IdentifierList:
-    """Load the identifier list of a loaded site configuration; raises ``ValueError`` saying what to fix."""
+    """Load the identifier list of a loaded site configuration; raises ``ValueError`` saying what to fix.
+
+    A missing list is reported before the key: the list names the key file that prepared the data,
+    so without it the key the guard would look for may not be the right one.
+    """
+    if not (Path(site.data_dir) / IDENTIFIER_FILE_NAME).is_file():
+        raise IdentifierList.missing_error(site.data_dir)
     key_file = Path(site.key_file or os.environ.get("FEDIMAGING_KEY_FILE")
                     or IdentifierList.recorded_key_file(site.data_dir) or "~/.config/fedimaging/pseudonym.key")
     key_file = key_file.expanduser()
