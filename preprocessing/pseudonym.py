@@ -37,11 +37,14 @@ def load_or_create_key(key_file: Path, out_dir: Path) -> bytes:
             f"for example with --key-file {DEFAULT_KEY_FILE}"
         )
     if key_file.exists():
-        text = key_file.read_text().strip()
         try:
-            key = bytes.fromhex(text)
-        except ValueError as exc:
-            raise KeyFileError(f"key file {key_file} does not contain a hex key; restore it from backup") from exc
+            key = bytes.fromhex(key_file.read_text(encoding="ascii").strip())
+        except OSError as exc:
+            raise KeyFileError(f"key file {key_file} cannot be read ({exc.strerror or exc}); check its permissions, "
+                               "or pass the right file with --key-file") from exc
+        except ValueError as exc:  # also UnicodeDecodeError: a binary file is not a hex key
+            raise KeyFileError(f"key file {key_file} does not contain a hex key (fedimaging writes the key as one "
+                               "line of hexadecimal digits); restore it from backup") from exc
         if len(key) < 16:
             raise KeyFileError(f"key file {key_file} holds a key shorter than 128 bits; restore it from backup")
         return key

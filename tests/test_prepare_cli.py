@@ -91,6 +91,14 @@ def test_exit_codes(tmp_path):
     assert key_in_out.returncode == 2
     assert "outside" in key_in_out.stderr
 
+    binary_key = tmp_path / "binary.key"
+    binary_key.write_bytes(bytes(range(200, 232)))  # raw bytes, not the hex line fedimaging writes
+    wrong_key = run_cli("prepare", "dicom", str(SERIES), "--out", str(tmp_path / "o4"), "--key-file", str(binary_key))
+    assert wrong_key.returncode == 2
+    assert f"key file {binary_key} does not contain a hex key" in wrong_key.stderr
+    assert "Traceback" not in wrong_key.stderr
+    assert binary_key.read_bytes() == bytes(range(200, 232))
+
 
 def test_no_identifier_leaves_in_outputs(tmp_path, prepare):
     source = tmp_path / "DOE^JANE"
