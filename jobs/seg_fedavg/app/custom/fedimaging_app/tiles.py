@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from fedimaging_app.batch_slots import SlotLoader
+
 WHITE = (255, 255, 255)
 # Byte positions of red, green, blue and alpha in OpenSlide's 32-bit ARGB pixels on a little-endian machine.
 _R, _G, _B, _A = 2, 1, 0, 3
@@ -256,11 +258,15 @@ def tile_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
                 generator: torch.Generator | None = None, sampler: Sampler | None = None) -> DataLoader:
     """Build the DataLoader that training and validation read tiles with.
 
-    Worker processes persist across passes (rounds), and the last batches of a pass are spread over
-    the workers (:class:`WorkerBalancedBatchSampler`). ``sampler`` replaces the sequential or shuffled
-    order.
+    Worker processes persist across passes (rounds), the last batches of a pass are spread over
+    the workers (:class:`WorkerBalancedBatchSampler`), and workers write batches into reused shared
+    memory (:class:`fedimaging_app.batch_slots.SlotLoader`). ``sampler`` replaces the sequential or
+    shuffled order.
     """
     if sampler is None:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_sampler=WorkerBalancedBatchSampler(sampler, batch_size, num_workers),
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    batches = WorkerBalancedBatchSampler(sampler, batch_size, num_workers)
+    if num_workers == 0:
+        return DataLoader(dataset, batch_sampler=batches)
+    return SlotLoader(dataset, batch_sampler=batches, batch_size=batch_size, num_workers=num_workers,
+                      persistent_workers=True)
