@@ -1,33 +1,35 @@
-"""DataLoader batches that worker processes write into reused shared memory.
+"""DataLoader batches that worker processes write into shared memory reused from batch to batch.
 
-A torch ``DataLoader`` worker stacks every batch into a new shared-memory block. The kernel zeroes
-each new page on first touch, and for cheap tiles (an Aperio tile read at its own level costs about
-1.2 ms on this project's benchmark machine) that costs about a tenth of the read. Here every worker
-keeps a few shared batch buffers ("slots") and writes later batches into a slot again once the main
-process no longer refers to the batch it held.
+A torch ``DataLoader`` worker stacks every batch into new shared memory, and the main process
+receives each tensor's file descriptor through a new socket connection and maps it. For cheap tiles
+(an Aperio tile read at its own level costs about 1.2 ms on this project's benchmark machine) the
+new pages and the hand-over cost about a tenth of the reading. Here every worker keeps a few shared
+batch buffers ("slots") for each tensor of a batch and writes a later batch into a slot again once
+the main process no longer refers to the batch it held there.
 
-How a slot comes back:
+How a slot goes round:
 
-* the worker's collate function stacks each large tensor of the batch into a free slot and sends
-  the batch with a tag naming the worker, the slot and the slot's generation (how often it has been
-  filled);
-* when the main process unpickles the tag, it records a weak reference to the batch tensor's
-  storage (``torch.multiprocessing.reductions.StorageWeakRef``). This also covers batches that the
-  DataLoader drops when an iteration is abandoned;
+* the worker's collate function stacks each tensor (and each column of numbers) of the batch into a
+  free slot. The first time it sends the slot's buffer itself. After that it sends only a tag: the
+  loader, the worker, the slot, its generation (how often it has been filled) and the batch length;
+* the main process keeps the buffers it received. When it unpickles a tag it makes a new tensor on
+  the slot's memory (``torch.from_numpy``, so every batch has its own storage object) and records a
+  weak reference to that storage (``torch.multiprocessing.reductions.StorageWeakRef``). This also
+  covers batches that the DataLoader drops when an iteration is abandoned;
 * each time the loader hands out a batch, it checks those references. Once nothing in the main
-  process refers to a storage (views included), it puts ``(slot, generation)`` on that worker's
-  queue. The worker reads its queue before it looks for a free slot. The queue orders the release
-  before the next write.
+  process refers to a batch's storage (views included), it puts the slot and generation on that
+  worker's queue. The worker reads its queue before it looks for a free slot. The queue orders the
+  release before the next write.
 
 A worker whose slots are all held (for example by a caller who keeps every batch) stacks into new
 shared memory as a plain DataLoader does. A caller may therefore keep batches; they are then only
-not faster. With
-no worker processes the plain ``default_collate`` is used.
+not faster. A batch element of another kind (strings, ragged tensors) is collated as
+``default_collate`` does. With no worker processes ``default_collate`` is used throughout.
 
-Slots stay allocated while the workers live (for persistent workers, as long as the loader). A
-worker keeps a new slot only while ``/dev/shm`` has room for ``SHARED_MEMORY_HEADROOM`` more of it,
-so a small ``/dev/shm`` (64 MiB in a Docker container started without ``--shm-size``) is left to
-the batches a plain DataLoader needs.
+Slots stay allocated while the workers live, which is as long as the loader: a ``SlotLoader``
+always keeps its workers. A worker keeps a new slot only while ``/dev/shm`` has room for
+``SHARED_MEMORY_HEADROOM`` more of it, so a small ``/dev/shm`` (64 MiB in a Docker container
+started without ``--shm-size``) is left to the batches a plain DataLoader needs.
 """
 
 from __future__ import annotations
@@ -40,22 +42,26 @@ import queue
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
-# Tensors whose full batch is smaller than this go the plain way: their shared memory costs little.
-MIN_SLOT_BYTES = 256 * 1024
 # A worker keeps a new slot only while the shared-memory file system has room for this many more.
 SHARED_MEMORY_HEADROOM = 8
+# Kinds of tensor per batch that get slots (for example image and label). Once a worker has slots for
+# this many, further kinds go the plain way, and so do tensors whose shape changes between batches.
+MAX_SLOTTED_TENSORS = 4
 SHARED_MEMORY_FOLDER = "/dev/shm"
 
 _tokens = itertools.count()
-# Main process: per loader token, the slotted batches received and not yet released:
-# (worker, slot, generation, weak reference to the storage).
-_received: dict[tuple[int, int], list[tuple[int, int, int, StorageWeakRef]]] = {}
-_received_lock = threading.Lock()
+_lock = threading.Lock()
+# Main process, per loader token: the slot buffers received, by (worker pid, slot), as numpy arrays.
+_buffers: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = {}
+# Main process, per loader token: the slotted tensors handed out and not yet given back:
+# (worker index, worker pid, slot, generation, weak reference to the tensor's storage).
+_handed_out: dict[tuple[int, int], list[tuple[int, int, int, int, StorageWeakRef]]] = {}
 
 
 def _room_for(nbytes: int) -> bool:
@@ -67,28 +73,45 @@ def _room_for(nbytes: int) -> bool:
     return stats.f_bavail * stats.f_frsize >= SHARED_MEMORY_HEADROOM * nbytes
 
 
-class _TaggedBatch:
-    """A worker's batch with the slots its tensors were written into; unwrapped by the main process."""
+def _slot_tensor(token: tuple[int, int], worker: int, pid: int, slot: int, generation: int, length: int,
+                 buffer: torch.Tensor | None) -> torch.Tensor:
+    """Make, in the main process, the tensor of a batch that a worker wrote into a slot."""
+    with _lock:
+        buffers = _buffers.setdefault(token, {})
+        if buffer is not None:  # the slot's first batch: keep its memory mapped for later batches
+            buffers[(pid, slot)] = buffer.numpy()
+        tensor = torch.from_numpy(buffers[(pid, slot)][:length])
+        _handed_out.setdefault(token, []).append(
+            (worker, pid, slot, generation, StorageWeakRef(tensor.untyped_storage())))
+    return tensor
 
-    def __init__(self, token: tuple[int, int], worker: int, batch: Any, slotted: list[tuple[int, int, torch.Tensor]]):
-        self.token, self.worker, self.batch, self.slotted = token, worker, batch, slotted
 
-    def __setstate__(self, state: dict) -> None:
-        # Runs where the batch arrives (the main process). Keep only weak references to the slots'
-        # storages, so that the batch alone decides when a slot is free again.
-        self.__dict__.update(state)
-        references = [(self.worker, slot, generation, StorageWeakRef(tensor.untyped_storage()))
-                      for slot, generation, tensor in self.slotted]
-        self.slotted = []
-        with _received_lock:
-            _received.setdefault(self.token, []).extend(references)
+class _SlotTag:
+    """Stand-in for a slotted tensor in a worker's batch; unpickling it makes the tensor."""
+
+    def __init__(self, *arguments):
+        self.arguments = arguments
+
+    def __reduce__(self):
+        return _slot_tensor, self.arguments
+
+
+def slot_of(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """Return the (worker pid, slot) whose memory holds ``tensor`` in this process, or None."""
+    address = tensor.data_ptr()
+    with _lock:
+        for buffers in _buffers.values():
+            for key, array in buffers.items():
+                if array.ctypes.data <= address < array.ctypes.data + array.nbytes:
+                    return key
+    return None
 
 
 class SlotCollate:
     """The collate function of a :class:`SlotLoader`: ``default_collate`` that stacks into reused slots.
 
-    ``slots_per_worker`` bounds the shared memory a worker keeps: that many buffers of
-    ``batch_size`` times one sample's tensor, per large tensor of a sample.
+    ``slots_per_worker`` bounds the slots a worker keeps for each tensor of a batch. A slot holds
+    ``batch_size`` times one sample's tensor.
     """
 
     def __init__(self, num_workers: int, batch_size: int, slots_per_worker: int, context=None):
@@ -97,103 +120,118 @@ class SlotCollate:
         self.batch_size = batch_size
         self.slots_per_worker = slots_per_worker
         self.releases = [context.Queue() for _ in range(num_workers)]
-        # Worker-side state; each worker process has its own copy.
-        self._buffers: list[torch.Tensor] = []
+        self._reset_worker_state()
+
+    def _reset_worker_state(self) -> None:
+        # Each worker process has its own copy of this state.
+        self._slots: list[torch.Tensor] = []
         self._generation: list[int] = []
         self._released: list[int] = []
-        self._tensor_map = {**default_collate_fn_map, torch.Tensor: self._collate_tensors}
+        self._map = {**default_collate_fn_map, torch.Tensor: self._collate_tensors,
+                     int: self._collate_numbers, float: self._collate_numbers}
+        self._worker: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_buffers"], state["_generation"], state["_released"] = [], [], []
-        del state["_tensor_map"]
-        return state
+        return {key: self.__dict__[key] for key in ("token", "batch_size", "slots_per_worker", "releases")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tensor_map = {**default_collate_fn_map, torch.Tensor: self._collate_tensors}
+        self._reset_worker_state()
 
     # ---------------------------------------------------------------------------------- worker side
     def __call__(self, samples: list) -> Any:
         info = get_worker_info()
         if info is None:  # the main process reads (num_workers=0): nothing to reuse
             return default_collate(samples)
-        self._take_releases(info.id)
-        self._slotted: list[tuple[int, int, torch.Tensor]] = []
-        batch = collate(samples, collate_fn_map=self._tensor_map)
-        slotted, self._slotted = self._slotted, []
-        return _TaggedBatch(self.token, info.id, batch, slotted) if slotted else batch
+        self._worker = (info.id, os.getpid())
+        self._take_releases()
+        return collate(samples, collate_fn_map=self._map)
 
-    def _take_releases(self, worker: int) -> None:
-        release = self.releases[worker]
+    def _take_releases(self) -> None:
+        worker, pid = self._worker
         while True:
             try:
-                slot, generation = release.get_nowait()
+                released_pid, slot, generation = self.releases[worker].get_nowait()
             except queue.Empty:
                 return
-            self._released[slot] = max(self._released[slot], generation)
+            if released_pid == pid:  # never a release meant for an earlier process of this worker
+                self._released[slot] = max(self._released[slot], generation)
 
-    def _free_slot(self, like: torch.Tensor) -> int | None:
-        shape = (self.batch_size, *like.shape)
-        for slot, buffer in enumerate(self._buffers):
-            if (self._released[slot] == self._generation[slot] and buffer.shape == shape
-                    and buffer.dtype == like.dtype):
+    def _free_slot(self, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+        same = [slot for slot, buffer in enumerate(self._slots) if buffer.shape == shape and buffer.dtype == dtype]
+        for slot in same:
+            if self._released[slot] == self._generation[slot]:
                 return slot
-        if len(self._buffers) >= self.slots_per_worker or not _room_for(math.prod(shape) * like.element_size()):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if (len(same) >= self.slots_per_worker or len(self._slots) >= self.slots_per_worker * MAX_SLOTTED_TENSORS
+                or not _room_for(nbytes)):
             return None
-        self._buffers.append(torch.empty(shape, dtype=like.dtype).share_memory_())
+        self._slots.append(torch.empty(shape, dtype=dtype).share_memory_())
         self._generation.append(0)
         self._released.append(0)
-        return len(self._buffers) - 1
+        return len(self._slots) - 1
 
-    def _collate_tensors(self, batch: list[torch.Tensor], *, collate_fn_map=None) -> torch.Tensor:
+    def _in_slot(self, shape: tuple[int, ...], dtype: torch.dtype, length: int, fill) -> _SlotTag | None:
+        """Fill a free slot for a batch of ``length`` items with ``fill(out)``; return its tag, or None."""
+        slot = self._free_slot((self.batch_size, *shape), dtype) if length <= self.batch_size else None
+        if slot is None:  # every slot of this shape is still held by the main process
+            return None
+        fill(self._slots[slot][:length])
+        first = self._generation[slot] == 0
+        self._generation[slot] += 1
+        worker, pid = self._worker
+        return _SlotTag(self.token, worker, pid, slot, self._generation[slot], length,
+                        self._slots[slot] if first else None)
+
+    def _collate_tensors(self, batch: list[torch.Tensor], *, collate_fn_map=None):
         first = batch[0]
-        large = first.numel() * first.element_size() * self.batch_size >= MIN_SLOT_BYTES  # a full slot
-        if (not large or len(batch) > self.batch_size or first.is_nested or first.layout != torch.strided
+        if (first.is_nested or first.layout != torch.strided
                 or any(t.shape != first.shape or t.dtype != first.dtype for t in batch)):
             return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
-        slot = self._free_slot(first)
-        if slot is None:  # every slot is still held by the main process
-            return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
-        out = self._buffers[slot][:len(batch)]
-        torch.stack(batch, 0, out=out)
-        self._generation[slot] += 1
-        self._slotted.append((slot, self._generation[slot], out))
-        return out
+        tag = self._in_slot(tuple(first.shape), first.dtype, len(batch), lambda out: torch.stack(batch, 0, out=out))
+        return tag if tag is not None else collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+
+    def _collate_numbers(self, batch: list, *, collate_fn_map=None):
+        values = torch.tensor(batch)  # int64 or float64, as default_collate makes them
+        tag = self._in_slot((), values.dtype, len(batch), lambda out: out.copy_(values))
+        return tag if tag is not None else values
 
     # ------------------------------------------------------------------------------------ main side
     def release_unused(self) -> None:
         """Give back to their workers the slots whose batches nothing in this process refers to."""
-        with _received_lock:
-            received = _received.get(self.token, [])
-            in_use = [entry for entry in received if not entry[3].expired()]
-            free = [entry for entry in received if entry[3].expired()]
-            _received[self.token] = in_use
-        for worker, slot, generation, _ in free:
-            self.releases[worker].put((slot, generation))
+        with _lock:
+            handed_out = _handed_out.get(self.token, [])
+            free = [entry for entry in handed_out if entry[4].expired()]
+            _handed_out[self.token] = [entry for entry in handed_out if not entry[4].expired()]
+        for worker, pid, slot, generation, _ in free:
+            self.releases[worker].put((pid, slot, generation))
 
     def forget(self) -> None:
-        with _received_lock:
-            _received.pop(self.token, None)
+        """Drop this loader's slot buffers and records in this process."""
+        with _lock:
+            _buffers.pop(self.token, None)
+            _handed_out.pop(self.token, None)
 
 
 class SlotLoader(DataLoader):
-    """A ``DataLoader`` whose workers reuse shared batch buffers (see the module text).
+    """A ``DataLoader`` with persistent workers that reuse shared batch buffers (see the module text).
 
-    Batches are the same objects a plain ``DataLoader`` with ``default_collate`` yields; a caller may
-    keep them as long as it likes.
+    Batches have the structure and values ``default_collate`` gives them; a caller may keep them as
+    long as it likes.
     """
 
     def __init__(self, dataset, *, batch_sampler, batch_size: int, num_workers: int, prefetch_factor: int = 2,
                  **kwargs):
-        # In flight per worker: prefetch_factor batches, plus the batch the caller uses and the one
-        # before it (a for loop rebinds its variable only after the next batch has arrived).
+        if num_workers < 1 or not kwargs.pop("persistent_workers", True):
+            raise ValueError("SlotLoader needs num_workers >= 1 and persistent workers; use a DataLoader otherwise")
         context = kwargs.get("multiprocessing_context")
         if isinstance(context, str):
             context = multiprocessing.get_context(context)
+        # In flight per worker: prefetch_factor batches, plus the batch the caller uses and the one
+        # before it (a for loop rebinds its variable only after the next batch has arrived).
         self.slots = SlotCollate(num_workers, batch_size, prefetch_factor + 2, context)
         super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                         prefetch_factor=prefetch_factor, collate_fn=self.slots, **kwargs)
+                         prefetch_factor=prefetch_factor, persistent_workers=True, collate_fn=self.slots, **kwargs)
 
     def __iter__(self):
         # Give back what the last pass left before the workers take up new indices, and again
@@ -202,10 +240,10 @@ class SlotLoader(DataLoader):
         iterator = super().__iter__()
         self.slots.release_unused()
         box: list = []
-        for item in iterator:
+        for batch in iterator:
             self.slots.release_unused()
-            box.append(item.batch if isinstance(item, _TaggedBatch) else item)
-            item = None
+            box.append(batch)
+            batch = None
             yield box.pop()  # hold no reference here while the caller uses the batch
         self.slots.release_unused()
 
