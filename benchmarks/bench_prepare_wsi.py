@@ -18,8 +18,8 @@ For every slide the script prints, with the median of ``--repeats`` timed runs a
   difference between the two medians);
 * reading the tiles of the produced datalist with the project's tile loader ``WsiTileDataset``
   (the path training uses): indexed in one process, and through ``tile_loader`` (the torch
-  ``DataLoader`` training builds, whose last batches of a pass are spread over the workers) with
-  ``num_workers=0`` and ``num_workers=2``;
+  ``DataLoader`` training builds, whose last batches of a pass are spread over the workers and
+  whose workers write batches into reused shared memory) with ``num_workers=0`` and ``num_workers=2``;
 * the baseline on the same items in the same run: a bare loop of ``OpenSlide.read_region`` plus
   ``.convert("RGB")``, in one process and split over a ``multiprocessing.Pool`` of 2 processes;
 * both 2-process methods twice: with processes started in every pass, and with processes started
