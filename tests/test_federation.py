@@ -150,8 +150,9 @@ def test_classification_federation(tmp_path):
     sites = [
         write_site(tmp_path / "site-a.yaml", "site-a", tmp_path / "pa", kather_mapping),
         write_site(tmp_path / "site-b.yaml", "site-b", tmp_path / "pb", kather_mapping),
+        # The slide site reads its tiles in 2 DataLoader worker processes, as a site with cores to spare would.
         write_site(tmp_path / "site-c.yaml", "site-c", tmp_path / "pc",
-                   {"tumour": {"local_classes": ["Tumor"]}, "other": {"local_classes": ["Other"]}}),
+                   {"tumour": {"local_classes": ["Tumor"]}, "other": {"local_classes": ["Other"]}}, {"num_workers": 2}),
     ]
     workspace = tmp_path / "ws"
     fedimaging("simulate", REPO / "jobs" / "cls_fedavg", "--sites", *sites, "--workspace", workspace,
