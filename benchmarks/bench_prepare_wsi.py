@@ -29,7 +29,9 @@ For every slide the script prints, with the median of ``--repeats`` timed runs a
   symbolic link to the slide, so that each copy opens its own handle and starts with an empty
   cache. This measures throughput rather than the fixed cost of starting a pass. A second layout
   repeats only a whole number of batches of the kept tiles per copy, so that no copy is split
-  between the two processes (``long_pass_layouts`` says why this matters on small slides).
+  between the two processes (``long_pass_layouts`` says why this matters on small slides). On that
+  layout the 1-process loader and bare loop also read the tiles in one random order, as training
+  draws them from all slides at once.
 
 It also runs ``prepare_wsi`` on a folder holding all three slides with ``workers`` 1 and 2, with
 and without export, because the step spreads work over processes one slide at a time.
@@ -52,6 +54,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -89,6 +92,8 @@ BREAKDOWN_SAMPLE = 64
 # Tiles in one pass of the long-pass rows. A pass over a small slide's kept tiles (43 on CMU) lasts
 # about 40 ms with 2 processes, so the fixed cost of starting a pass outweighs the reading in it.
 LONG_PASS_TILES = 640
+# Seed of the random order of the shuffled long-pass rows.
+SHUFFLE_SEED = 0
 
 # The generated pyramid: level-0 size, resolution and the downsample of each level.
 GENERATED_SIZE = (20000, 15000)
@@ -565,9 +570,9 @@ def long_pass_layouts(items: list[dict], root: Path) -> dict[str, list[dict]]:
     """The long passes of a slide with fewer than ``LONG_PASS_TILES`` kept tiles, by label; empty otherwise.
 
     * ``long pass (C copies of N)``: all N kept tiles per copy. When N is not a whole number of
-      batches, a copy's tiles fall into batches that go to both workers, so with 2 processes each
-      copy's slide is opened, and its first JPEG tiles decoded, by both: a per-slide cost that
-      1 process pays once. On small slides it is a large part of a copy's time (about 4.7 ms to open
+      batches, a copy's tiles fall into batches that go to both workers. With 2 processes each
+      copy's slide is then opened, and its first JPEG tiles decoded, by both, while 1 process pays
+      this per-slide cost once. On small slides it is a large part of a copy's time (about 4.7 ms to open
       the CMU slide, against 43 tiles of about 1.2 ms).
     * ``long pass, whole batches (C copies of N)``: each copy holds the first ``BATCH_SIZE * k``
       tiles, so every batch reads one copy and 1 and 2 processes open the same number of slides, as
@@ -585,8 +590,13 @@ def long_pass_layouts(items: list[dict], root: Path) -> dict[str, list[dict]]:
     return layouts
 
 
-def measure_long_pass(label: str, long_items: list[dict], root: Path, repeats: int) -> list[Measurement]:
-    """Time the 1- and 2-process loader and bare loop on one long pass; names start with ``label``."""
+def measure_long_pass(label: str, long_items: list[dict], root: Path, repeats: int,
+                      shuffled: bool = False) -> list[Measurement]:
+    """Time the 1- and 2-process loader and bare loop on one long pass; names start with ``label``.
+
+    With ``shuffled``, also the 1-process loader and bare loop over the same items in one random
+    order, the order in which training draws tiles from all slides at once.
+    """
     tiles = len(long_items)
     loader = Measurement(f"{label}: loader, 1 process", "tiles/s", tiles, 1)
     bare = Measurement(f"{label}: bare loop, 1 process", "tiles/s", tiles, 1)
@@ -594,34 +604,51 @@ def measure_long_pass(label: str, long_items: list[dict], root: Path, repeats: i
     bare_persistent = Measurement(f"{label}: bare, persistent Pool(2)", "tiles/s", tiles, 2)
     persistent_pool = PersistentPool(long_items, root, 2)
     persistent_loader = PersistentLoader(long_items, root, 2)
+    methods = [
+        (loader, lambda: read_with_dataset(long_items, root)),
+        (bare, lambda: read_bare(long_items, root)),
+        (loader_persistent, persistent_loader),
+        (bare_persistent, persistent_pool),
+    ]
+    if shuffled:
+        order = list(long_items)
+        random.Random(SHUFFLE_SEED).shuffle(order)
+        methods += [
+            (Measurement(f"{label}: loader, 1 process, shuffled", "tiles/s", tiles, 1),
+             lambda: read_with_dataset(order, root)),
+            (Measurement(f"{label}: bare loop, 1 process, shuffled", "tiles/s", tiles, 1),
+             lambda: read_bare(order, root)),
+        ]
     try:
-        measure_interleaved([
-            (loader, lambda: read_with_dataset(long_items, root)),
-            (bare, lambda: read_bare(long_items, root)),
-            (loader_persistent, persistent_loader),
-            (bare_persistent, persistent_pool),
-        ], repeats)
+        measure_interleaved(methods, repeats)
     finally:
         persistent_loader.close()
         persistent_pool.close()
-    return [loader, bare, loader_persistent, bare_persistent]
+    return [measurement for measurement, _ in methods]
 
 
 def long_pass_ratios(measurements: list[Measurement]) -> dict[str, float]:
-    """Compute the loader/bare ratio and the 2-process speedups of each long pass, by layout.
+    """Compute the loader/bare ratios and the 2-process speedups of each long pass, by layout.
 
     The keys name the layout without its copy counts: ``long pass`` or ``long pass, whole batches``.
     """
+    layouts: dict[str, dict[str, Measurement]] = {}
+    for measurement in measurements:
+        prefix, method = measurement.name.split(": ", 1)
+        layouts.setdefault(prefix.split(" (")[0], {})[method] = measurement
     values = {}
-    for start in range(0, len(measurements), 4):
-        loader, bare, loader_persistent, bare_persistent = measurements[start:start + 4]
-        layout = loader.name.split(" (")[0]
+    for layout, rows in layouts.items():
+        loader, bare = rows["loader, 1 process"], rows["bare loop, 1 process"]
+        loader_persistent, bare_persistent = rows["loader, 2 persistent"], rows["bare, persistent Pool(2)"]
         values.update({
             f"{layout}: loader / bare, 1 process": loader.rate / bare.rate,
             f"{layout}: loader speedup, 2 persistent processes / 1": loader_persistent.rate / loader.rate,
             f"{layout}: bare speedup, 2 persistent processes / 1": bare_persistent.rate / bare.rate,
             f"{layout}: loader / bare, 2 persistent processes": loader_persistent.rate / bare_persistent.rate,
         })
+        if "loader, 1 process, shuffled" in rows:
+            values[f"{layout}: loader / bare, 1 process, shuffled"] = (
+                rows["loader, 1 process, shuffled"].rate / rows["bare loop, 1 process, shuffled"].rate)
     return values
 
 
@@ -674,7 +701,8 @@ def benchmark_slide(name: str, path: Path, work: Path, key_file: Path, repeats: 
         persistent_loader.close()
         persistent_pool.close()
     long_pass = [measurement for label, layout in long_pass_layouts(items, reference_out).items()
-                 for measurement in measure_long_pass(label, layout, reference_out, repeats)]
+                 for measurement in measure_long_pass(label, layout, reference_out, repeats,
+                                                      shuffled=label.startswith("long pass, whole batches"))]
     facts["per_tile_ms"] = per_tile_costs(items, reference_out)
     shutil.rmtree(reference_out)
     return [tiling, export, export_only, loader, loader_batches, loader_workers, loader_persistent, bare, bare_pool,
@@ -757,6 +785,7 @@ def format_ratios(values: dict[str, float]) -> str:
         "long pass: loader speedup, 2 persistent processes / 1": TARGET_SPEEDUP,
         "long pass, whole batches: loader / bare, 1 process": TARGET_LOADER_RATIO,
         "long pass, whole batches: loader speedup, 2 persistent processes / 1": TARGET_SPEEDUP,
+        "long pass, whole batches: loader / bare, 1 process, shuffled": TARGET_LOADER_RATIO,
     }
     lines = []
     for label, value in values.items():

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
-from fedimaging_app.tiles import WorkerBalancedBatchSampler, tile_loader
+from fedimaging_app.tiles import WorkerBalancedBatchSampler, WsiTileDataset, tile_loader
 
 
 def worker_loads(batches: list[list[int]], workers: int) -> list[int]:
@@ -99,3 +103,71 @@ def test_batch_normalisation_matches_per_tile(image_size):
     assert batch.dtype == torch.float32
     assert batch.shape == (3, 3, image_size or 150, image_size or 150)
     assert torch.allclose(batch, torch.stack(expected), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- open slides of the loader
+@pytest.fixture(scope="module")
+def three_slides(tmp_path_factory):
+    """The CMU tiles prepared once, and the same items through 3 links that open as 3 different slides."""
+    from preprocessing.prepare_wsi import WsiOptions, prepare_wsi
+    from tests.conftest import DATA, require
+
+    root = tmp_path_factory.mktemp("cmu")
+    out = root / "prepared"
+    prepare_wsi(WsiOptions(source=require(DATA / "pathology" / "slides" / "cmu_small_region.svs"), out=out,
+                           mpp=0.5, tile_size=224, key_file=root / "site.key"))
+    datalist = json.loads((out / "datalist.json").read_text())
+    items = (datalist["training"] + datalist["validation"])[:4]
+    original = out / items[0]["image"]
+    slides = {}
+    for name in "abc":
+        link = original.with_name(f"{name}{original.suffix}")
+        link.symlink_to(original.resolve())
+        slides[name] = [{**item, "image": str(link.relative_to(out))} for item in items]
+    return out, slides
+
+
+def test_least_recent_slide_closed_first(three_slides):
+    out, slides = three_slides
+    dataset = WsiTileDataset(slides["a"] + slides["b"] + slides["c"], out, max_open_slides=2)
+    try:
+        reference = WsiTileDataset(slides["a"], out)[1]["image"]
+        order = [0, 4, 1, 8]  # slide a, b, a again, then c: b is the least recently read
+        images = [dataset[index]["image"] for index in order]
+        assert list(dataset._slides) == [slides["a"][0]["image"], slides["c"][0]["image"]]
+        assert np.array_equal(images[2], reference)
+    finally:
+        dataset.close()
+
+
+def test_open_slides_share_one_cache(three_slides, monkeypatch):
+    import openslide
+
+    out, slides = three_slides
+    caches = []
+    original = openslide.OpenSlide.set_cache
+    monkeypatch.setattr(openslide.OpenSlide, "set_cache", lambda slide, cache: (caches.append(cache),
+                                                                                  original(slide, cache)))
+    dataset = WsiTileDataset(slides["a"] + slides["b"] + slides["c"], out)
+    try:
+        first = [dataset[index]["image"] for index in (0, 4, 8)]
+        assert len(caches) == 3
+        assert caches[0] is caches[1] is caches[2]
+        # A copy sent to a spawned worker carries no open slide or cache, and reads the same pixels.
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert copy._slides == {}
+        assert copy._cache is None
+        assert all(np.array_equal(copy[index]["image"], image) for index, image in zip((0, 4, 8), first))
+        copy.close()
+    finally:
+        dataset.close()
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(20, 16), (256, 64), (1024, 128), (1 << 20, 128)])
+def test_open_slides_follow_file_limit(monkeypatch, limit, expected):
+    import resource
+
+    from fedimaging_app.tiles import default_max_open_slides
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, limit))
+    assert default_max_open_slides() == expected
