@@ -180,11 +180,14 @@ def test_server_restart_fails_cleanly(tmp_path, prepared_sites):
         assert all(by_site.values()), f"not every site runs a job process during round 1: {by_site}"
         site_jobs = [process for processes in by_site.values() for process in processes]
 
+        # Close the admin session while its server still runs. Closing it after the server died once
+        # hung for good in NVFlare 2.9: the session's connector thread waited without a timeout for a
+        # connection to the restarted server, and close() waited for that thread.
+        session.close()
         # The server machine fails: the server's parent process and the job's server process die at once.
         deployment.kill(SERVER)
         deployment.start_server(kits.kit(SERVER), environment=SERVER_ENVIRONMENT)
         assert wait_for_port("127.0.0.1", port, 60), deployment.log_tail(SERVER)
-        session.close()
         session = open_session(LEAD, kits.kit(LEAD))
         try:
             assert wait_for_clients(session, set(SITES), 90) == set(SITES), deployment.log_tail(SERVER)
