@@ -177,8 +177,10 @@ def default_max_open_slides() -> int:
     return max(16, min(128, soft // 4))
 
 
-# Decoded slide tiles one loader process caches, shared by all its open slides.
-SLIDE_CACHE_BYTES = 128 * 1024 * 1024
+# Decoded slide tiles one loader process caches, shared by all its open slides. On a shuffled pass
+# over 20 copies of the CMU sample, 128, 256 and 512 MiB read 0.89, 0.95 and 1.03 times as many
+# tiles per second as handles with OpenSlide's own 32 MiB cache each (scratch runs, 2-core machine).
+SLIDE_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class WsiTileDataset(Dataset):
