@@ -55,6 +55,19 @@ def _add_prepare_dicom(subparsers) -> None:
     parser.set_defaults(handler=_run_prepare_dicom)
 
 
+# Rejections printed one per line after a prepare run; the manifest lists all of them.
+SHOWN_REJECTIONS = 10
+
+
+def _print_rejections(manifest: dict) -> None:
+    """Print the first rejections with the message that names the file and the fix."""
+    rejected = manifest.get("rejected", [])
+    for entry in rejected[:SHOWN_REJECTIONS]:
+        print(f"  rejected ({entry['reason']}): {entry['message']}")
+    if len(rejected) > SHOWN_REJECTIONS:
+        print(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more rejections, all listed in the manifest")
+
+
 def _run_prepare_dicom(args) -> int:
     from preprocessing.inputs import InputError
     from preprocessing.prepare_dicom import PrepareOptions, prepare_dicom, summary_line
@@ -75,6 +88,7 @@ def _run_prepare_dicom(args) -> int:
         return 2
     _announce_new_key(key_file, key_existed)
     print(summary_line(manifest))
+    _print_rejections(manifest)
     print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
     if not manifest["cases"]:
         print("fedimaging prepare dicom: error: no usable image was produced; see the rejected and excluded lists in the manifest",
@@ -138,6 +152,7 @@ def _run_prepare_wsi(args) -> int:
         return 2
     _announce_new_key(key_file, key_existed)
     print(summary_line(manifest))
+    _print_rejections(manifest)
     print(f"datalist: {args.out / 'datalist.json'}; site-local manifest: {args.out / 'manifest.json'}")
     if manifest["summary"]["tiles"] == 0:
         print("fedimaging prepare wsi: error: no tile was produced; see the rejected list in the manifest", file=sys.stderr)

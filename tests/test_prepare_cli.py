@@ -170,3 +170,14 @@ def test_invalid_fraction_rejected(tmp_path):
                      "--key-file", str(tmp_path / "k"))
     assert result.returncode == 2
     assert "--val-fraction 1.5" in result.stderr
+
+
+def test_rejections_printed_then_counted(capsys):
+    from fedimaging.cli import SHOWN_REJECTIONS, _print_rejections
+
+    rejected = [{"reason": "unreadable_file", "message": f"scan-{n}.dcm: not a DICOM file; remove it"} for n in range(12)]
+    _print_rejections({"rejected": rejected})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == SHOWN_REJECTIONS + 1
+    assert lines[0] == "  rejected (unreadable_file): scan-0.dcm: not a DICOM file; remove it"
+    assert lines[-1] == "  ... and 2 more rejections, all listed in the manifest"

@@ -246,6 +246,9 @@ def test_cli_wsi_exit_codes(tmp_path):
     assert "prepared 1 slide(s)" in ok.stdout
     bad = run(str(SLIDES / "broken.svs"), "--out", str(tmp_path / "b"), "--key-file", str(tmp_path / "k"))
     assert bad.returncode == 1
+    # Each rejection is printed with the message that names the file, not only counted.
+    assert "rejected (unreadable_slide): " in bad.stdout
+    assert "broken.svs" in bad.stdout
     wrong = run(str(CMU), "--out", str(tmp_path / "c"), "--mpp", "-1", "--key-file", str(tmp_path / "k"))
     assert wrong.returncode == 2
     assert "--mpp -1" in wrong.stderr

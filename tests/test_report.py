@@ -249,6 +249,9 @@ def test_best_global_tie_goes_to_final(tmp_path):
     result, _config = downloaded_job(tmp_path, cross_val_results(values))
     report = make_report(result, tmp_path / "out")
     assert report["best_global_model"]["model"] == FINAL
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "ties with it by this rule" in page
+    assert "is <strong>not</strong> the best" not in page
 
 
 def test_provenance_and_notes(simulated):

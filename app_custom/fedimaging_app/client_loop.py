@@ -129,8 +129,8 @@ def run(engine_factory, custom_dir: Path) -> None:
     device = select_device(site.device)
     data = load_prepared(site.data_dir)
     engine = engine_factory(job, site, data, device)
-    logger.info("site %s: %d training and %d validation cases, device %s", site_name,
-                engine.n_training_cases, len(engine.val_items), device)
+    logger.info("site %s: %d training and %d validation cases, device %s, %d data loader worker process(es)",
+                site_name, engine.n_training_cases, len(engine.val_items), device, site.num_workers)
     provenance = {"manifest_sha256": data.manifest_sha256, "site_config_sha256": file_sha256(site_path),
                   "job_config_sha256": file_sha256(job_path), "seed": job.seed, "versions": _versions()}
     writer = None

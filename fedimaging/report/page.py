@@ -176,7 +176,15 @@ def _best_section(report: Report) -> str:
             f"(<code>{escape(best.model)}</code>), case-weighted mean {format_value(best.weighted_mean)} over "
             f"{best.n_total} cases at {escape(', '.join(best.sites_used))}.</p>"
         )
-        if best.agrees_with_nvflare_best is False:
+        nvflare_mean = next((model.weighted_mean for model in report.models
+                             if model.model == best.nvflare_best_model), None)
+        if best.agrees_with_nvflare_best is False and nvflare_mean == best.weighted_mean:
+            parts.append(
+                f"<p>NVFlare's best model (<code>{escape(best.nvflare_best_model or '')}</code>), which NVFlare "
+                "selected during training, ties with it by this rule; on a tie the rule takes the final "
+                "model.</p>"
+            )
+        elif best.agrees_with_nvflare_best is False:
             parts.append(
                 f"<p>NVFlare's best model (<code>{escape(best.nvflare_best_model or '')}</code>), which NVFlare "
                 "selected during training and which lags a round, is <strong>not</strong> the best by this rule.</p>"
