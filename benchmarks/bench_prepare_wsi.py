@@ -574,7 +574,7 @@ def long_pass_layouts(items: list[dict], root: Path) -> dict[str, list[dict]]:
       copy's slide is then opened, and its first JPEG tiles decoded, by both, while 1 process pays
       this per-slide cost once. On small slides it is a large part of a copy's time (about 4.7 ms to open
       the CMU slide, against 43 tiles of about 1.2 ms).
-    * ``long pass, whole batches (C copies of N)``: each copy holds the first ``BATCH_SIZE * k``
+    * ``long pass, whole batches (C copies of N)``: each copy contains the first ``BATCH_SIZE * k``
       tiles, so every batch reads one copy and 1 and 2 processes open the same number of slides, as
       on slides with hundreds of tiles. Skipped when the slide has fewer than ``BATCH_SIZE`` tiles.
     """

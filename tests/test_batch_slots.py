@@ -1,6 +1,6 @@
 """Worker batches written into reused shared memory (``fedimaging_app.batch_slots``), as ``tile_loader`` builds them.
 
-Real torch DataLoader worker processes read a made-up dataset. Each tensor holds its item's number,
+Real torch DataLoader worker processes read a made-up dataset. Each tensor contains its item's number,
 so a batch overwritten by a later one would show.
 """
 
@@ -157,3 +157,22 @@ def test_room_check_reads_folder(monkeypatch, tmp_path):
     assert not batch_slots._room_for(free // batch_slots.SHARED_MEMORY_HEADROOM * 2)
     monkeypatch.setattr(batch_slots, "SHARED_MEMORY_FOLDER", str(tmp_path / "absent"))
     assert batch_slots._room_for(1 << 60)
+
+
+def test_number_columns_keep_default_dtypes():
+    class Numbers(Dataset):
+        def __len__(self) -> int:
+            return ITEMS
+
+        def __getitem__(self, index: int) -> dict:
+            return {"count": index, "weight": index / 4, "image": np.zeros((3, 96, 96), dtype=np.uint8)}
+
+    loader = tile_loader(Numbers(), BATCH, num_workers=2)
+    try:
+        for batch, indices in zip(loader, _expected_batches(), strict=True):
+            assert slot_of(batch["weight"]) is not None
+            assert batch["count"].dtype == torch.int64
+            assert batch["weight"].dtype == torch.float64
+            assert batch["weight"].tolist() == [index / 4 for index in indices]
+    finally:
+        _close(loader)

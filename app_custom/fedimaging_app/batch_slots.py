@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, default_collate, get_worker_info
-from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
+from torch.utils.data._utils.collate import (collate, collate_float_fn, collate_int_fn, collate_tensor_fn,
+                                             default_collate_fn_map)
 
 # A worker keeps a new slot only while the shared-memory file system has room for this many more.
 SHARED_MEMORY_HEADROOM = 8
@@ -97,7 +98,7 @@ class _SlotTag:
 
 
 def slot_of(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """Return the (worker pid, slot) whose memory holds ``tensor`` in this process, or None."""
+    """Return the (worker pid, slot) whose memory contains ``tensor`` in this process, or None."""
     address = tensor.data_ptr()
     with _lock:
         for buffers in _buffers.values():
@@ -110,8 +111,8 @@ def slot_of(tensor: torch.Tensor) -> tuple[int, int] | None:
 class SlotCollate:
     """The collate function of a :class:`SlotLoader`: ``default_collate`` that stacks into reused slots.
 
-    ``slots_per_worker`` bounds the slots a worker keeps for each tensor of a batch. A slot holds
-    ``batch_size`` times one sample's tensor.
+    ``slots_per_worker`` bounds the slots a worker keeps for each tensor of a batch. A slot has room
+    for ``batch_size`` times one sample's tensor.
     """
 
     def __init__(self, num_workers: int, batch_size: int, slots_per_worker: int, context=None):
@@ -162,7 +163,7 @@ class SlotCollate:
         for slot in same:
             if self._released[slot] == self._generation[slot]:
                 return slot
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if (len(same) >= self.slots_per_worker or len(self._slots) >= self.slots_per_worker * MAX_SLOTTED_TENSORS
                 or not _room_for(nbytes)):
             return None
@@ -174,7 +175,7 @@ class SlotCollate:
     def _in_slot(self, shape: tuple[int, ...], dtype: torch.dtype, length: int, fill) -> _SlotTag | None:
         """Fill a free slot for a batch of ``length`` items with ``fill(out)``; return its tag, or None."""
         slot = self._free_slot((self.batch_size, *shape), dtype) if length <= self.batch_size else None
-        if slot is None:  # every slot of this shape is still held by the main process
+        if slot is None:  # no free slot of this shape, and no room for another
             return None
         fill(self._slots[slot][:length])
         first = self._generation[slot] == 0
@@ -192,17 +193,20 @@ class SlotCollate:
         return tag if tag is not None else collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
 
     def _collate_numbers(self, batch: list, *, collate_fn_map=None):
-        values = torch.tensor(batch)  # int64 or float64, as default_collate makes them
+        # The dtype default_collate gives: int64 (or bool) for integers, float64 for floats.
+        values = (collate_float_fn if isinstance(batch[0], float) else collate_int_fn)(batch)
         tag = self._in_slot((), values.dtype, len(batch), lambda out: out.copy_(values))
         return tag if tag is not None else values
 
     # ------------------------------------------------------------------------------------ main side
     def release_unused(self) -> None:
         """Give back to their workers the slots whose batches nothing in this process refers to."""
+        free, in_use = [], []
         with _lock:
-            handed_out = _handed_out.get(self.token, [])
-            free = [entry for entry in handed_out if entry[4].expired()]
-            _handed_out[self.token] = [entry for entry in handed_out if not entry[4].expired()]
+            # One test per entry: a batch dropped between two tests would otherwise be in neither list.
+            for entry in _handed_out.get(self.token, []):
+                (free if entry[4].expired() else in_use).append(entry)
+            _handed_out[self.token] = in_use
         for worker, pid, slot, generation, _ in free:
             self.releases[worker].put((pid, slot, generation))
 

@@ -178,7 +178,7 @@ class IdentifierList:
 
     @staticmethod
     def missing_error(folder: Path) -> ValueError:
-        """The error for a prepared folder without an identifier list."""
+        """Return the error for a prepared folder without an identifier list."""
         return ValueError(f"{Path(folder) / IDENTIFIER_FILE_NAME} is missing: prepare this site's data again with "
                           "this fedimaging version (fedimaging prepare records the identifiers the PHI guard checks)")
 
