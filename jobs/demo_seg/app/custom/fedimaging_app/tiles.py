@@ -194,9 +194,10 @@ class WsiTileDataset(Dataset):
 
     Each process keeps up to ``max_open_slides`` slides open, closing the least recently read one
     first, because training draws tiles of all slides in random order, and opening a slide costs
-    as much as reading several tiles (4.7 ms against 1.2 ms per tile on the CMU Aperio sample). All open slides of a process share one OpenSlide tile
-    cache of ``SLIDE_CACHE_BYTES``. Without this, each handle would get its own, and many open
-    slides would each fill one.
+    as much as reading several tiles (4.7 ms against 1.2 ms per tile on the CMU Aperio sample, a
+    scratch measurement). All open slides of a process share one OpenSlide tile cache of
+    ``SLIDE_CACHE_BYTES``. Without this, each handle would get its own, and many open slides would
+    each fill one.
     """
 
     def __init__(self, items: list[dict], root: Path, transform: Callable | None = None,
